@@ -1,0 +1,91 @@
+// Fused forward of the local rows: every local query attends to its (dilated) band keys that are
+// local, plus every real global key, with one online softmax and no [N, window] buffer.
+// Global and padding rows come out as 0 with lse = -inf (global rows are filled by global_attn).
+//
+// Task = one BandTile of queries. Its band keys are walked in blocks of at most kBlockLimit,
+// then the batch row's global keys (gathered) in blocks of the same size.
+#include "band_tiles.h"
+#include "kernels.h"
+
+namespace longformer::cpu {
+
+template <typename scalar_t>
+void banded_attention_forward(const AttentionParams& p) {
+  using acc = acc_type<scalar_t>;
+  const int64_t D = p.head_dim;
+  const int64_t left = p.window_left, right = p.effective_right();
+  const std::vector<BandTile> tiles = band_tiles(p, kRowTile);
+  const auto globals = positions_with_role(p, kGlobal);
+
+  parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
+    Scratch<acc> q(kRowTile * D), k(kBlockLimit * D), v(kBlockLimit * D), s(kRowTile * kBlockLimit);
+    Scratch<acc> o(kRowTile * D), m(kRowTile), l(kRowTile), bias(kBlockLimit), row_out(D);
+    Scratch<int64_t> lo(kRowTile), hi(kRowTile);
+    OnlineSoftmax<acc> state{0, D, o.get(), m.get(), l.get()};
+
+    for (int64_t t = first; t < last; ++t) {
+      const BandTile& tile = tiles[t];
+      const int64_t rows = tile.end - tile.begin;
+      const uint8_t* roles = p.roles + tile.b * p.seqlen;
+      const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.q.offset(tile.b, tile.h, 0);
+      const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
+      const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
+      const Positions qpos = tile.rows(tile.begin);
+      load_rows(q.get(), qh, p.q.stride_n, qpos, rows, D);
+      state.reset(rows);
+
+      // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
+      const int64_t key_begin = std::max<int64_t>(0, tile.begin - left);
+      const int64_t key_end = std::min(tile.length, tile.end + right);
+      for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
+        const int64_t keys = c1 - c0;
+        const Positions kpos = tile.rows(c0);
+        load_rows(k.get(), kh, p.k.stride_n, kpos, keys, D);
+        load_rows(v.get(), vh, p.v.stride_n, kpos, keys, D);
+        for (int64_t c = 0; c < keys; ++c) bias.get()[c] = roles[kpos[c]] == kLocal ? acc(0) : neg_inf<acc>();
+        for (int64_t r = 0; r < rows; ++r) {
+          lo.get()[r] = tile.begin + r - left - c0;
+          hi.get()[r] = tile.begin + r + right + 1 - c0;
+        }
+        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
+        state.absorb(s.get(), v.get(), keys);
+      });
+
+      // Global keys, seen by every local query (only those at or before it when causal).
+      const std::vector<int64_t>& g = globals[tile.b];
+      for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
+        const int64_t keys = g1 - g0;
+        const Positions kpos{0, 1, g.data() + g0};
+        load_rows(k.get(), kh, p.k.stride_n, kpos, keys, D);
+        load_rows(v.get(), vh, p.v.stride_n, kpos, keys, D);
+        for (int64_t r = 0; r < rows; ++r) {
+          lo.get()[r] = 0;
+          hi.get()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
+        }
+        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        mask_tile<acc>(s.get(), rows, keys, lo.get(), hi.get(), nullptr);
+        state.absorb(s.get(), v.get(), keys);
+      });
+
+      auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
+      auto* lse = static_cast<acc*>(p.lse) + p.lse_offset(tile.b, tile.h, 0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = qpos[r];
+        acc row_lse = state.finish_row(r, row_out.get());
+        if (roles[i] != kLocal) {
+          std::fill(row_out.get(), row_out.get() + D, acc(0));
+          row_lse = neg_inf<acc>();
+        }
+        lse[i] = row_lse;
+        store_rows(out_h, p.out.stride_n, Positions{i, 1}, row_out.get(), 1, D);
+      }
+    }
+  });
+}
+
+template void banded_attention_forward<float>(const AttentionParams&);
+template void banded_attention_forward<double>(const AttentionParams&);
+template void banded_attention_forward<c10::BFloat16>(const AttentionParams&);
+
+}  // namespace longformer::cpu

@@ -1,0 +1,25 @@
+// Entry points of the CPU kernels, instantiated for float, double and c10::BFloat16.
+// They take plain parameter blocks (longformer/params.h); ops_cpu.cpp turns tensors into those.
+#pragma once
+
+#include "longformer/params.h"
+
+namespace longformer::cpu {
+
+// out, lse of the local rows (global and padding rows: 0 and -inf).
+template <typename scalar_t> void banded_attention_forward(const AttentionParams& p);
+// grad_q, grad_k, grad_v (zero-initialised) from grad_out, out and the forward lse; `delta` is
+// [B, H, N] scratch in the accumulation dtype.
+template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, void* delta);
+
+// Rows of global queries over all real keys with the global projections (q, k, v of p are
+// global_q, global_k, global_v); writes those rows of out and lse only.
+template <typename scalar_t> void global_attention_forward(const AttentionParams& p);
+template <typename scalar_t> void global_attention_backward(const AttentionParams& p, void* delta);
+
+// Unfused banded products (see ops.cpp for the exact formulas).
+template <typename scalar_t> void banded_matmul_qk(const BandedMatmulParams& p);
+template <typename scalar_t> void banded_matmul_pv(const BandedMatmulParams& p);
+template <typename scalar_t> void banded_matmul_pv_transposed(const BandedMatmulParams& p);
+
+}  // namespace longformer::cpu

@@ -1,0 +1,236 @@
+// CPU implementations of the longformer ops: check inputs, build the parameter block, dispatch
+// on dtype to the kernels in this folder.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+#include "longformer/checks.h"
+
+namespace longformer::cpu {
+namespace {
+
+void check_cpu_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
+              "longformer: CPU kernels support float32, float64 and bfloat16, got ", t.scalar_type());
+}
+
+struct Prepared {
+  AttentionParams params;
+  at::Tensor roles;
+  std::vector<int64_t> dilation;
+  bool empty = false;
+};
+
+// Shared checks and parameter setup of the attention ops.
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
+                 int64_t window_right, at::IntArrayRef dilation, const std::optional<at::Tensor>& attention_mask,
+                 const std::optional<at::Tensor>& global_attention_mask, bool causal, double scale) {
+  check_heads_tensor(q, "q", q);
+  check_heads_tensor(k, "k", q);
+  check_heads_tensor(v, "v", q);
+  check_cpu_dtype(q);
+  check_window(window_left, window_right);
+  check_mask(attention_mask, "attention_mask", q);
+  check_mask(global_attention_mask, "global_attention_mask", q);
+  Prepared out;
+  out.dilation = per_head_dilation(dilation, q.size(1));
+  out.empty = q.numel() == 0;
+  if (out.empty) return out;
+  out.roles = token_roles(q, attention_mask, global_attention_mask);
+  AttentionParams& p = out.params;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.seqlen = q.size(2);
+  p.head_dim = q.size(3);
+  p.q = heads_view(q);
+  p.k = heads_view(k);
+  p.v = heads_view(v);
+  p.roles = out.roles.data_ptr<uint8_t>();
+  p.dilation = out.dilation.data();
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.causal = causal;
+  p.scale = scale;
+  return out;
+}
+
+at::Tensor lse_like(const at::Tensor& q) {
+  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
+                  q.options().dtype(accumulation_dtype(q.scalar_type())));
+}
+
+std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
+                                               const std::optional<at::Tensor>& attention_mask,
+                                               const std::optional<at::Tensor>& global_attention_mask, bool causal,
+                                               double scale) {
+  Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                          causal, scale);
+  at::Tensor out = empty_heads(q.sizes(), q.options());
+  at::Tensor lse = lse_like(q);
+  if (prep.empty) return {out.zero_(), lse};
+  prep.params.out = heads_view(out);
+  prep.params.lse = lse.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn",
+                                 [&] { banded_attention_forward<scalar_t>(prep.params); });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& global_attention_mask,
+    bool causal, double scale) {
+  Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                          causal, scale);
+  check_heads_tensor(grad_out, "grad_out", q);
+  check_heads_tensor(out, "out", q);
+  at::Tensor dq = empty_heads(q.sizes(), q.options()).zero_();
+  at::Tensor dk = empty_heads(q.sizes(), q.options()).zero_();
+  at::Tensor dv = empty_heads(q.sizes(), q.options()).zero_();
+  if (prep.empty) return {dq, dk, dv};
+  at::Tensor lse_c = lse.contiguous();
+  TORCH_CHECK(lse_c.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}) &&
+                  lse_c.scalar_type() == accumulation_dtype(q.scalar_type()),
+              "longformer: lse must be [B, H, N] in the accumulation dtype, as returned by banded_attn");
+  at::Tensor delta = at::empty_like(lse_c);
+  AttentionParams& p = prep.params;
+  p.out = heads_view(out);
+  p.grad_out = heads_view(grad_out);
+  p.grad_q = heads_view(dq);
+  p.grad_k = heads_view(dk);
+  p.grad_v = heads_view(dv);
+  p.lse = lse_c.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn_backward",
+                                 [&] { banded_attention_backward<scalar_t>(p, delta.data_ptr()); });
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
+                                               const at::Tensor& global_attention_mask,
+                                               const std::optional<at::Tensor>& attention_mask, bool causal,
+                                               double scale, const at::Tensor& out) {
+  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
+  check_heads_tensor(out, "out", gq);
+  at::Tensor new_out = empty_heads(gq.sizes(), gq.options());
+  new_out.copy_(out);
+  at::Tensor lse = lse_like(gq);
+  if (prep.empty) return {new_out, lse};
+  prep.params.out = heads_view(new_out);
+  prep.params.lse = lse.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn",
+                                 [&] { global_attention_forward<scalar_t>(prep.params); });
+  return {new_out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
+    const at::Tensor& grad_out, const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& global_attention_mask,
+    const std::optional<at::Tensor>& attention_mask, bool causal, double scale) {
+  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
+  check_heads_tensor(grad_out, "grad_out", gq);
+  check_heads_tensor(out, "out", gq);
+  at::Tensor dq = empty_heads(gq.sizes(), gq.options()).zero_();
+  at::Tensor dk = empty_heads(gq.sizes(), gq.options()).zero_();
+  at::Tensor dv = empty_heads(gq.sizes(), gq.options()).zero_();
+  at::Tensor grad_in = empty_heads(gq.sizes(), gq.options());
+  grad_in.copy_(grad_out);
+  if (prep.empty) return {dq, dk, dv, grad_in};
+  // The incoming out's global rows were overwritten, so their gradient does not flow back.
+  grad_in.masked_fill_(prep.roles.eq(kGlobal).view({gq.size(0), 1, gq.size(2), 1}), 0);
+  at::Tensor lse_c = lse.contiguous();
+  TORCH_CHECK(lse_c.sizes() == at::IntArrayRef({gq.size(0), gq.size(1), gq.size(2)}) &&
+                  lse_c.scalar_type() == accumulation_dtype(gq.scalar_type()),
+              "longformer: lse must be [B, H, N] in the accumulation dtype, as returned by global_attn");
+  at::Tensor delta = at::empty_like(lse_c);
+  AttentionParams& p = prep.params;
+  p.out = heads_view(out);
+  p.grad_out = heads_view(grad_out);
+  p.grad_q = heads_view(dq);
+  p.grad_k = heads_view(dk);
+  p.grad_v = heads_view(dv);
+  p.lse = lse_c.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn_backward",
+                                 [&] { global_attention_backward<scalar_t>(p, delta.data_ptr()); });
+  return {dq, dk, dv, grad_in};
+}
+
+// Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
+BandedMatmulParams banded_params(const at::Tensor& heads, int64_t window_left, int64_t window_right,
+                                 std::vector<int64_t>& dilation_storage, at::IntArrayRef dilation) {
+  check_cpu_dtype(heads);
+  check_window(window_left, window_right);
+  dilation_storage = per_head_dilation(dilation, heads.size(1));
+  BandedMatmulParams p;
+  p.batch = heads.size(0);
+  p.heads = heads.size(1);
+  p.seqlen = heads.size(2);
+  p.head_dim = heads.size(3);
+  p.dilation = dilation_storage.data();
+  p.window_left = window_left;
+  p.window_right = window_right;
+  return p;
+}
+
+void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
+  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
+                  band.size(2) == heads.size(2) && band.size(3) == width,
+              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
+              heads.size(2), ", ", width, "], got ", band.sizes());
+  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
+              "longformer: band must have the dtype and device of the other operand");
+}
+
+at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t window_left, int64_t window_right,
+                               at::IntArrayRef dilation, double fill) {
+  check_heads_tensor(q, "q", q);
+  check_heads_tensor(k, "k", q);
+  std::vector<int64_t> dil;
+  BandedMatmulParams p = banded_params(q, window_left, window_right, dil, dilation);
+  at::Tensor band = at::empty({q.size(0), q.size(1), q.size(2), p.band_width()}, q.options());
+  if (band.numel() == 0) return band;
+  p.a = heads_view(q);
+  p.b = heads_view(k);
+  p.band = band.data_ptr();
+  p.fill = fill;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_matmul_qk",
+                                 [&] { banded_matmul_qk<scalar_t>(p); });
+  return band;
+}
+
+template <bool kTransposed>
+at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tensor& x, int64_t window_left,
+                                          int64_t window_right, at::IntArrayRef dilation) {
+  check_heads_tensor(x, kTransposed ? "x" : "v", x);
+  std::vector<int64_t> dil;
+  BandedMatmulParams p = banded_params(x, window_left, window_right, dil, dilation);
+  check_band(band, x, p.band_width());
+  at::Tensor band_c = band.contiguous();
+  at::Tensor out = empty_heads(x.sizes(), x.options());
+  if (out.numel() == 0) return out.zero_();
+  p.band = band_c.data_ptr();
+  p.out = heads_view(out);
+  (kTransposed ? p.a : p.b) = heads_view(x);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "banded_matmul_pv", [&] {
+    if constexpr (kTransposed) {
+      banded_matmul_pv_transposed<scalar_t>(p);
+    } else {
+      banded_matmul_pv<scalar_t>(p);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longformer, CPU, m) {
+  m.impl("banded_attn", &banded_attn);
+  m.impl("banded_attn_backward", &banded_attn_backward);
+  m.impl("global_attn", &global_attn);
+  m.impl("global_attn_backward", &global_attn_backward);
+  m.impl("banded_matmul_qk", &banded_matmul_qk_op);
+  m.impl("banded_matmul_pv", &banded_matmul_band_times_heads<false>);
+  m.impl("banded_matmul_pv_transposed", &banded_matmul_band_times_heads<true>);
+}
+
+}  // namespace longformer::cpu

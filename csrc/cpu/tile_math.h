@@ -1,0 +1,243 @@
+// Building blocks shared by the fused CPU kernels: tiles of rows copied into accumulation-dtype
+// scratch, score tiles from one GEMM, interval masks, the online-softmax forward update and the
+// backward update of one (query rows x key block) tile.
+//
+// Every fused kernel is a loop over such tiles; what differs between them is only which rows form
+// the query tile, which keys form a block, and which (row, key) pairs the mask keeps.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "gemm.h"
+#include "longformer/params.h"
+
+namespace longformer::cpu {
+
+// Softmax and accumulation run in float for float/bfloat16 inputs and in double for double.
+template <typename scalar_t> struct Accumulate { using type = float; };
+template <> struct Accumulate<double> { using type = double; };
+template <typename scalar_t> using acc_type = typename Accumulate<scalar_t>::type;
+
+template <typename T> constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+
+constexpr int64_t kRowTile = 64;     // query (or key) rows owned by one parallel task
+constexpr int64_t kBlockLimit = 640; // most keys (or queries) scored against a tile at once
+
+// A block of positions of one sequence: either first, first+step, ... or an explicit list.
+struct Positions {
+  int64_t first = 0, step = 1;
+  const int64_t* list = nullptr;
+  int64_t operator[](int64_t r) const { return list ? list[r] : first + r * step; }
+};
+
+// Runs f(first, last) over task ranges on torch's thread pool, one task per grain, with BLAS kept
+// single-threaded inside (see gemm.h).
+template <typename F>
+void parallel_tasks(int64_t count, F&& f) {
+  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+    SingleThreadedBlas guard;
+    f(first, last);
+  });
+}
+
+// 64-byte aligned scratch; alignment keeps BLAS results independent of where malloc lands.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t count) {
+    size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(T) + 63) / 64) * 64;
+    ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr_) throw std::bad_alloc();
+  }
+  T* get() const { return ptr_.get(); }
+
+ private:
+  struct Free { void operator()(T* p) const { std::free(p); } };
+  std::unique_ptr<T, Free> ptr_;
+};
+
+// Copies `count` rows of one head (rows chosen by `pos`) into dst[count][dim], converting to acc.
+template <typename scalar_t, typename acc>
+void load_rows(acc* dst, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* src = head + pos[r] * stride_n;
+    acc* row = dst + r * dim;
+    for (int64_t c = 0; c < dim; ++c) row[c] = static_cast<acc>(src[c]);
+  }
+}
+
+template <typename scalar_t, typename acc>
+void store_rows(scalar_t* head, int64_t stride_n, Positions pos, const acc* src, int64_t count, int64_t dim) {
+  for (int64_t r = 0; r < count; ++r) {
+    scalar_t* dst = head + pos[r] * stride_n;
+    const acc* row = src + r * dim;
+    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<scalar_t>(row[c]);
+  }
+}
+
+template <typename acc>
+acc dot(const acc* a, const acc* b, int64_t n) {
+  using Vec = at::vec::Vectorized<acc>;
+  Vec sum(acc(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) sum = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), sum);
+  acc lanes[Vec::size()];
+  sum.store(lanes);
+  acc total = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// s[rows][keys] = scale * q[rows][dim] . k[keys][dim]^T
+template <typename acc>
+void score_tile(acc* s, const acc* q, const acc* k, int64_t rows, int64_t keys, int64_t dim, acc scale) {
+  gemm(false, true, rows, keys, dim, scale, q, dim, k, dim, acc(0), s, keys);
+}
+
+// c[rows][dim] += alpha * a[rows][keys] . b[keys][dim]
+template <typename acc>
+void accumulate_ab(acc* c, const acc* a, const acc* b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
+  gemm(false, false, rows, dim, keys, alpha, a, keys, b, dim, acc(1), c, dim);
+}
+
+// c[keys][dim] += alpha * a[rows][keys]^T . b[rows][dim]
+template <typename acc>
+void accumulate_atb(acc* c, const acc* a, const acc* b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
+  gemm(true, false, keys, dim, rows, alpha, a, keys, b, dim, acc(1), c, dim);
+}
+
+// Keeps, in row r, only the keys in [lo[r], hi[r]) (block-relative) whose bias is not -inf.
+// Everything else becomes -inf. Row bounds are clamped here so callers can pass raw arithmetic.
+template <typename acc>
+void mask_tile(acc* s, int64_t rows, int64_t keys, const int64_t* lo, const int64_t* hi, const acc* key_bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc* row = s + r * keys;
+    int64_t a = std::clamp<int64_t>(lo[r], 0, keys);
+    int64_t b = std::clamp<int64_t>(hi[r], a, keys);
+    std::fill(row, row + a, neg_inf<acc>());
+    std::fill(row + b, row + keys, neg_inf<acc>());
+    if (key_bias) {
+      for (int64_t c = a; c < b; ++c) row[c] += key_bias[c];
+    }
+  }
+}
+
+// row[c] = exp(row[c] - shift) in place; returns the sum. exp(-inf) = 0 takes care of masked keys.
+template <typename acc>
+acc exp_shifted(acc* row, int64_t n, acc shift) {
+  using Vec = at::vec::Vectorized<acc>;
+  const Vec vshift(shift);
+  Vec vsum(acc(0));
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    Vec x = (Vec::loadu(row + c) - vshift).exp();
+    x.store(row + c);
+    vsum = vsum + x;
+  }
+  acc lanes[Vec::size()];
+  vsum.store(lanes);
+  acc sum = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+  for (; c < n; ++c) {
+    row[c] = std::exp(row[c] - shift);
+    sum += row[c];
+  }
+  return sum;
+}
+
+template <typename acc>
+acc row_max(const acc* row, int64_t n) {
+  using Vec = at::vec::Vectorized<acc>;
+  Vec vmax(neg_inf<acc>());
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
+  acc lanes[Vec::size()];
+  vmax.store(lanes);
+  acc m = neg_inf<acc>();
+  for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
+  for (; c < n; ++c) m = std::max(m, row[c]);
+  return m;
+}
+
+// Running softmax state of a query tile: unnormalised output o, row maxima m and sums l.
+template <typename acc>
+struct OnlineSoftmax {
+  int64_t rows = 0, dim = 0;
+  acc *o, *m, *l;
+
+  void reset(int64_t n_rows) {
+    rows = n_rows;
+    std::fill(o, o + rows * dim, acc(0));
+    std::fill(m, m + rows, neg_inf<acc>());
+    std::fill(l, l + rows, acc(0));
+  }
+
+  // Takes masked scores s[rows][keys] (overwritten with probabilities) and values v[keys][dim].
+  void absorb(acc* s, const acc* v, int64_t keys) {
+    for (int64_t r = 0; r < rows; ++r) {
+      acc* row = s + r * keys;
+      acc new_m = std::max(m[r], row_max(row, keys));
+      if (new_m == neg_inf<acc>()) {  // no valid key in this row yet: contribute nothing
+        std::fill(row, row + keys, acc(0));
+        continue;
+      }
+      acc alpha = std::exp(m[r] - new_m);  // 0 when m[r] was -inf
+      l[r] = l[r] * alpha + exp_shifted(row, keys, new_m);
+      m[r] = new_m;
+      if (alpha != acc(1)) {
+        acc* orow = o + r * dim;
+        for (int64_t c = 0; c < dim; ++c) orow[c] *= alpha;
+      }
+    }
+    accumulate_ab(o, s, v, rows, keys, dim, acc(1));
+  }
+
+  // Normalised output row r into `dst` (as acc) and its log-sum-exp; rows with no key give 0 / -inf.
+  acc finish_row(int64_t r, acc* dst) const {
+    const acc* orow = o + r * dim;
+    if (l[r] == acc(0)) {
+      std::fill(dst, dst + dim, acc(0));
+      return neg_inf<acc>();
+    }
+    acc inv = acc(1) / l[r];
+    for (int64_t c = 0; c < dim; ++c) dst[c] = orow[c] * inv;
+    return m[r] + std::log(l[r]);
+  }
+};
+
+// One backward tile. In: masked scores s[rows][keys] (overwritten with P), the tile's q, dout,
+// lse, delta = rowsum(dout * out), and the key block k, v. Out: whichever of dq[rows][dim],
+// dk[keys][dim], dv[keys][dim] is non-null is accumulated into. `ds` is scratch of s's size.
+template <typename acc>
+void backward_tile(acc* s, acc* ds, const acc* q, const acc* dout, const acc* lse, const acc* delta, const acc* k,
+                   const acc* v, int64_t rows, int64_t keys, int64_t dim, acc scale, acc* dq, acc* dk, acc* dv) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc* row = s + r * keys;
+    if (lse[r] == neg_inf<acc>()) {  // padding, global or keyless row: no gradient flows
+      std::fill(row, row + keys, acc(0));
+    } else {
+      exp_shifted(row, keys, lse[r]);
+    }
+  }
+  score_tile(ds, dout, v, rows, keys, dim, acc(1));  // dP = dO V^T
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc* p = s + r * keys;
+    acc* d = ds + r * keys;
+    for (int64_t c = 0; c < keys; ++c) d[c] = p[c] * (d[c] - delta[r]);
+  }
+  if (dv) accumulate_atb(dv, s, dout, rows, keys, dim, acc(1));
+  if (dq) accumulate_ab(dq, ds, k, rows, keys, dim, scale);
+  if (dk) accumulate_atb(dk, ds, q, rows, keys, dim, scale);
+}
+
+}  // namespace longformer::cpu

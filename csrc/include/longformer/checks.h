@@ -1,0 +1,75 @@
+// Input checks and tensor helpers shared by the CPU and CUDA op glue. Failures raise
+// RuntimeError in Python with a message that names the argument (never abort or print).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "longformer/params.h"
+
+namespace longformer {
+
+inline void check_heads_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 4, "longformer: ", name, " must be [B, H, N, D], got ", t.sizes());
+  TORCH_CHECK(t.sizes() == like.sizes(), "longformer: ", name, " has shape ", t.sizes(), " but expected ",
+              like.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "longformer: ", name, " has dtype ", t.scalar_type(),
+              " but expected ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "longformer: ", name, " is on ", t.device(), " but expected ",
+              like.device());
+  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
+              " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+inline void check_mask(const std::optional<at::Tensor>& mask, const char* name, const at::Tensor& q) {
+  if (!mask) return;
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2), "longformer: ", name,
+              " must be [B, N] = [", q.size(0), ", ", q.size(2), "], got ", mask->sizes());
+  TORCH_CHECK(mask->scalar_type() == at::kBool || at::isIntegralType(mask->scalar_type(), /*includeBool=*/true),
+              "longformer: ", name, " must be bool or integer (nonzero = set), got ", mask->scalar_type(),
+              "; float (additive) masks are rejected to avoid misreading them");
+  TORCH_CHECK(mask->device() == q.device(), "longformer: ", name, " is on ", mask->device(), " but q is on ",
+              q.device());
+}
+
+// One dilation per head (a single value applies to all heads), each >= 1.
+inline std::vector<int64_t> per_head_dilation(at::IntArrayRef dilation, int64_t heads) {
+  TORCH_CHECK(dilation.size() == 1 || static_cast<int64_t>(dilation.size()) == heads,
+              "longformer: dilation must have 1 or H = ", heads, " entries, got ", dilation.size());
+  std::vector<int64_t> out(heads, dilation[0]);
+  if (dilation.size() != 1) out.assign(dilation.begin(), dilation.end());
+  for (int64_t d : out) TORCH_CHECK(d >= 1, "longformer: dilation must be >= 1, got ", d);
+  return out;
+}
+
+inline void check_window(int64_t left, int64_t right) {
+  TORCH_CHECK(left >= 0 && right >= 0, "longformer: window sides must be >= 0, got (", left, ", ", right, ")");
+}
+
+// [B, N] uint8 roles on q's device: 0 padding, 1 local, 2 global (a padding token is never global).
+inline at::Tensor token_roles(const at::Tensor& q, const std::optional<at::Tensor>& attention_mask,
+                              const std::optional<at::Tensor>& global_attention_mask) {
+  auto opts = q.options().dtype(at::kByte);
+  at::Tensor real = attention_mask ? attention_mask->ne(0).to(at::kByte) : at::ones({q.size(0), q.size(2)}, opts);
+  at::Tensor roles = real;
+  if (global_attention_mask) roles = real + real * global_attention_mask->ne(0).to(at::kByte);
+  return roles.contiguous();
+}
+
+// An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D].
+inline at::Tensor empty_heads(at::IntArrayRef bhnd, const at::TensorOptions& opts) {
+  return at::empty({bhnd[0], bhnd[2], bhnd[1], bhnd[3]}, opts).permute({0, 2, 1, 3});
+}
+
+inline at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline RowMajorHeads heads_view(const at::Tensor& t) {
+  return RowMajorHeads{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+}  // namespace longformer

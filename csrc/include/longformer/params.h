@@ -1,0 +1,60 @@
+// Plain parameter block handed from the op glue to every kernel (CPU and CUDA alike).
+// It holds raw pointers and int64 strides only, so kernels never see ATen types and all offset
+// arithmetic is done in 64 bits (a [B, H, N, D] tensor may exceed 2^31 elements).
+#pragma once
+
+#include <cstdint>
+
+namespace longformer {
+
+// Token roles, one byte per (batch, position): built from attention_mask / global_attention_mask.
+enum Role : uint8_t { kPadding = 0, kLocal = 1, kGlobal = 2 };
+
+// A [B, H, N, D] operand whose last dimension is contiguous.
+struct RowMajorHeads {
+  void* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0, stride_n = 0;
+
+  // Element offset of row n of head h in batch b; int64 throughout so large tensors cannot wrap.
+  int64_t offset(int64_t b, int64_t h, int64_t n) const {
+    return b * stride_b + h * stride_h + n * stride_n;
+  }
+};
+
+struct AttentionParams {
+  int64_t batch = 0, heads = 0, seqlen = 0, head_dim = 0;
+
+  RowMajorHeads q, k, v, out;           // forward operands
+  RowMajorHeads grad_out;               // backward: incoming gradient
+  RowMajorHeads grad_q, grad_k, grad_v; // backward: results
+
+  // Log-sum-exp per row, [B, H, N] contiguous, in the accumulation dtype; -inf where a row has no key.
+  void* lse = nullptr;
+
+  const uint8_t* roles = nullptr;       // [B, N] contiguous, values of Role
+  const int64_t* dilation = nullptr;    // [H], each >= 1
+  int64_t window_left = 0, window_right = 0;
+  bool causal = false;
+  double scale = 1.0;
+
+  int64_t lse_offset(int64_t b, int64_t h, int64_t n) const { return (b * heads + h) * seqlen + n; }
+  // With causal attention no band slot to the right of the diagonal is ever valid.
+  int64_t effective_right() const { return causal ? 0 : window_right; }
+};
+
+// Operands of the unfused banded matmuls: `band` is [B, H, N, left + right + 1] contiguous.
+struct BandedMatmulParams {
+  int64_t batch = 0, heads = 0, seqlen = 0, head_dim = 0;
+  RowMajorHeads a, b, out;  // the [B, H, N, D] operands / result (which ones depends on the op)
+  void* band = nullptr;
+  const int64_t* dilation = nullptr;
+  int64_t window_left = 0, window_right = 0;
+  double fill = 0.0;        // banded_matmul_qk: value written to slots whose key is outside [0, N)
+
+  int64_t band_width() const { return window_left + window_right + 1; }
+  int64_t band_offset(int64_t b, int64_t h, int64_t n) const {
+    return ((b * heads + h) * seqlen + n) * band_width();
+  }
+};
+
+}  // namespace longformer

@@ -1,0 +1,11 @@
+"""Reference implementations of ``longformer_attention``, slow and written to be obviously right.
+
+* ``dense_attention``: the float64 oracle every kernel is tested against ([N, N] masks).
+* ``loop_attention``: one query at a time, keys listed explicitly (the paper's "loop").
+* ``chunked_attention``: the overlapping-chunks algorithm of the paper and Hugging Face.
+"""
+
+from .dense import dense_attention
+from .loop import loop_attention
+
+__all__ = ["dense_attention", "loop_attention"]
