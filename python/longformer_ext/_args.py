@@ -72,7 +72,7 @@ def _check_heads(name: str, t, like: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {like.device}")
     if not (t.dtype.is_floating_point):
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
                          "call .contiguous() or project into a [B, N, H*D] tensor and view it")
 

@@ -9,9 +9,11 @@ from . import ops
 from ._args import Dilation, Window, check_attention_args
 
 
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else device.type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"longformer::{op}", key)
+# Device types this build has kernels for, looked up once (a lookup inside the function would be a
+# torch.compile graph break).
+_KERNEL_DEVICES = frozenset(
+    device for device in ("cpu", "cuda")
+    if torch._C._dispatch_has_kernel_for_dispatch_key("longformer::banded_attn", device.upper()))
 
 
 def longformer_attention(
@@ -43,7 +45,7 @@ def longformer_attention(
     """
     args = check_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q,
                                 global_k, global_v, causal, scale)
-    if not _has_kernel("banded_attn", q.device):
+    if q.device.type not in _KERNEL_DEVICES:
         raise NotImplementedError(
             f"longformer_ext has no kernels for {q.device.type} tensors in this build "
             f"(CPU kernels always; CUDA kernels only in a build against a CUDA torch with nvcc)")

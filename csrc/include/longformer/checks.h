@@ -20,7 +20,7 @@ inline void check_heads_tensor(const at::Tensor& t, const char* name, const at::
               " but expected ", like.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "longformer: ", name, " is on ", t.device(), " but expected ",
               like.device());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
+  TORCH_CHECK(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
               " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 

@@ -5,7 +5,8 @@
 * ``chunked_attention``: the overlapping-chunks algorithm of the paper and Hugging Face.
 """
 
+from .chunked import chunked_attention
 from .dense import dense_attention
 from .loop import loop_attention
 
-__all__ = ["dense_attention", "loop_attention"]
+__all__ = ["chunked_attention", "dense_attention", "loop_attention"]
