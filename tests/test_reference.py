@@ -179,8 +179,9 @@ def test_global_row_depends_only_on_global_projections(fn, window):
         return fn(tensors["q"], tensors["k"], tensors["v"], window, **new)
 
     def moved(t, rows=None):  # t changed at the given positions (all when None)
+        rows = slice(None) if rows is None else rows
         t = t.clone()
-        t[:, :, slice(None) if rows is None else rows] += torch.randn_like(t[:, :, slice(None) if rows is None else rows])
+        t[:, :, rows] += torch.randn_like(t[:, :, rows])
         return t
 
     others = [j for j in range(n) if j != row]

@@ -39,8 +39,8 @@ inline void check_mask(const std::optional<at::Tensor>& mask, const char* name, 
 inline std::vector<int64_t> per_head_dilation(at::IntArrayRef dilation, int64_t heads) {
   TORCH_CHECK(dilation.size() == 1 || static_cast<int64_t>(dilation.size()) == heads,
               "longformer: dilation must have 1 or H = ", heads, " entries, got ", dilation.size());
-  std::vector<int64_t> out(heads, dilation[0]);
-  if (dilation.size() != 1) out.assign(dilation.begin(), dilation.end());
+  std::vector<int64_t> out(dilation.begin(), dilation.end());
+  if (out.size() == 1) out.assign(heads, out[0]);
   for (int64_t d : out) TORCH_CHECK(d >= 1, "longformer: dilation must be >= 1, got ", d);
   return out;
 }
