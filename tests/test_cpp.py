@@ -16,7 +16,8 @@ CXX = shutil.which("g++") or shutil.which("c++")
 def test_cpp(source, tmp_path):
     binary = tmp_path / source.stem
     includes = ["-I", str(ROOT / "csrc" / "include"), "-I", str(ROOT / "csrc" / "cpu")]
-    subprocess.run([CXX, "-std=c++20", "-O1", "-Wall", "-fsanitize=address,undefined", *includes, str(source), "-o",
+    subprocess.run([CXX, "-std=c++20", "-O1", "-Wall", "-fsanitize=address,undefined", "-DCPU_CAPABILITY=DEFAULT",
+                    *includes, str(source), "-o",
                     str(binary)], check=True)
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

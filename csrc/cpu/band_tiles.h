@@ -14,6 +14,7 @@
 #include "tile_math.h"
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 struct BandTile {
   int64_t b, h, residue, dilation, begin, end, length;  // length: size of the residue's subsequence
@@ -61,4 +62,5 @@ inline int64_t count_at_most(const int64_t* pos, int64_t n, int64_t limit) {
   return std::upper_bound(pos, pos + n, limit) - pos;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 template <typename scalar_t>
 void banded_attention_forward(const AttentionParams& p) {
@@ -31,7 +32,7 @@ void banded_attention_forward(const AttentionParams& p) {
       const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
       const Positions qpos = tile.rows(tile.begin);
-      load_rows(q.get(), qh, p.q.stride_n, qpos, rows, D);
+      const Rows<acc> qr = rows_of(q.get(), qh, p.q.stride_n, qpos, rows, D);
       state.reset(rows);
 
       // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
@@ -40,16 +41,16 @@ void banded_attention_forward(const AttentionParams& p) {
       for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         const Positions kpos = tile.rows(c0);
-        load_rows(k.get(), kh, p.k.stride_n, kpos, keys, D);
-        load_rows(v.get(), vh, p.v.stride_n, kpos, keys, D);
+        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, kpos, keys, D);
+        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, kpos, keys, D);
         for (int64_t c = 0; c < keys; ++c) bias.get()[c] = roles[kpos[c]] == kLocal ? acc(0) : neg_inf<acc>();
         for (int64_t r = 0; r < rows; ++r) {
           lo.get()[r] = tile.begin + r - left - c0;
           hi.get()[r] = tile.begin + r + right + 1 - c0;
         }
-        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        state.absorb(s.get(), v.get(), keys);
+        state.absorb(s.get(), vr, keys);
       });
 
       // Global keys, seen by every local query (only those at or before it when causal).
@@ -57,15 +58,15 @@ void banded_attention_forward(const AttentionParams& p) {
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
         const int64_t keys = g1 - g0;
         const Positions kpos{0, 1, g.data() + g0};
-        load_rows(k.get(), kh, p.k.stride_n, kpos, keys, D);
-        load_rows(v.get(), vh, p.v.stride_n, kpos, keys, D);
+        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, kpos, keys, D);
+        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, kpos, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
           lo.get()[r] = 0;
           hi.get()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
         }
-        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile<acc>(s.get(), rows, keys, lo.get(), hi.get(), nullptr);
-        state.absorb(s.get(), v.get(), keys);
+        state.absorb(s.get(), vr, keys);
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
@@ -88,4 +89,5 @@ template void banded_attention_forward<float>(const AttentionParams&);
 template void banded_attention_forward<double>(const AttentionParams&);
 template void banded_attention_forward<c10::BFloat16>(const AttentionParams&);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

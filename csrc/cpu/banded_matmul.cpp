@@ -13,6 +13,7 @@
 #include "tile_math.h"
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 namespace {
 
 // Runs f(b, h, n) for every row, in parallel over (batch, head, chunk of rows).
@@ -97,4 +98,5 @@ LONGFORMER_INSTANTIATE(double)
 LONGFORMER_INSTANTIATE(c10::BFloat16)
 #undef LONGFORMER_INSTANTIATE
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

@@ -18,6 +18,7 @@ int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 // Keeps BLAS on the calling thread for the guard's lifetime, then restores the thread's setting.
 class SingleThreadedBlas {
@@ -69,4 +70,5 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 namespace {
 
 struct GlobalTile { int64_t b, h, g0, g1; };
@@ -58,18 +59,18 @@ void global_attention_forward(const AttentionParams& p) {
       const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.q.offset(tile.b, tile.h, 0);
       const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
-      load_rows(q.get(), qh, p.q.stride_n, qpos, rows, D);
+      const Rows<acc> qr = rows_of(q.get(), qh, p.q.stride_n, qpos, rows, D);
       state.reset(rows);
 
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
-        load_rows(k.get(), kh, p.k.stride_n, Positions{c0, 1}, keys, D);
-        load_rows(v.get(), vh, p.v.stride_n, Positions{c0, 1}, keys, D);
+        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, Positions{c0, 1}, keys, D);
+        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, Positions{c0, 1}, keys, D);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        state.absorb(s.get(), v.get(), keys);
+        state.absorb(s.get(), vr, keys);
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
@@ -95,7 +96,7 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
   // Gathers q, dO, lse and delta of global rows qpos[0, rows) of (b, h).
   auto load_queries = [&](acc* q, acc* dout, acc* lse, acc* delta, int64_t b, int64_t h, Positions qpos,
                           int64_t rows) {
-    load_rows(q, head(p.q, b, h), p.q.stride_n, qpos, rows, D);
+    load_rows(q, head(p.q, b, h), p.q.stride_n, qpos, rows, D);  // gathered: global rows are scattered
     load_rows(dout, head(p.grad_out, b, h), p.grad_out.stride_n, qpos, rows, D);
     const acc* lse_h = static_cast<const acc*>(p.lse) + p.lse_offset(b, h, 0);
     const acc* delta_h = static_cast<const acc*>(delta_base) + p.lse_offset(b, h, 0);
@@ -136,12 +137,12 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
-        load_rows(k.get(), head(p.k, tile.b, tile.h), p.k.stride_n, Positions{c0, 1}, keys, D);
-        load_rows(v.get(), head(p.v, tile.b, tile.h), p.v.stride_n, Positions{c0, 1}, keys, D);
+        const Rows<acc> kr = rows_of(k.get(), head(p.k, tile.b, tile.h), p.k.stride_n, Positions{c0, 1}, keys, D);
+        const Rows<acc> vr = rows_of(v.get(), head(p.v, tile.b, tile.h), p.v.stride_n, Positions{c0, 1}, keys, D);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), Rows<acc>{q.get(), D}, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        backward_tile(s.get(), ds.get(), q.get(), dout.get(), lse.get(), delta.get(), k.get(), v.get(), rows, keys,
+        backward_tile(s.get(), ds.get(), Rows<acc>{q.get(), D}, Rows<acc>{dout.get(), D}, lse.get(), delta.get(), kr, vr, rows, keys,
                       D, static_cast<acc>(p.scale), dq.get(), static_cast<acc*>(nullptr), static_cast<acc*>(nullptr));
       });
       store_rows(head(p.grad_q, tile.b, tile.h), p.grad_q.stride_n, qpos, dq.get(), rows, D);
@@ -160,8 +161,8 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t c0 = (t % key_blocks) * kRowTile, keys = std::min(kRowTile, p.seqlen - c0);
       const uint8_t* roles = p.roles + b * p.seqlen;
       const std::vector<int64_t>& g = globals[b];
-      load_rows(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D);
-      load_rows(v.get(), head(p.v, b, h), p.v.stride_n, Positions{c0, 1}, keys, D);
+      const Rows<acc> kr = rows_of(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D);
+      const Rows<acc> vr = rows_of(v.get(), head(p.v, b, h), p.v.stride_n, Positions{c0, 1}, keys, D);
       std::fill(dk.get(), dk.get() + keys * D, acc(0));
       std::fill(dv.get(), dv.get() + keys * D, acc(0));
       // With causal attention only global queries at or after c0 see this block.
@@ -171,9 +172,9 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
         const Positions qpos{0, 1, g.data() + g0};
         load_queries(q.get(), dout.get(), lse.get(), delta.get(), b, h, qpos, rows);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), q.get(), k.get(), rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), Rows<acc>{q.get(), D}, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        backward_tile(s.get(), ds.get(), q.get(), dout.get(), lse.get(), delta.get(), k.get(), v.get(), rows, keys,
+        backward_tile(s.get(), ds.get(), Rows<acc>{q.get(), D}, Rows<acc>{dout.get(), D}, lse.get(), delta.get(), kr, vr, rows, keys,
                       D, static_cast<acc>(p.scale), static_cast<acc*>(nullptr), dk.get(), dv.get());
       });
       store_rows(head(p.grad_k, b, h), p.grad_k.stride_n, Positions{c0, 1}, dk.get(), keys, D);
@@ -189,4 +190,5 @@ template void global_attention_backward<float>(const AttentionParams&, void*);
 template void global_attention_backward<double>(const AttentionParams&, void*);
 template void global_attention_backward<c10::BFloat16>(const AttentionParams&, void*);
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

@@ -4,22 +4,36 @@
 
 #include "longformer/params.h"
 
+// The kernel sources are compiled once per instruction set, each into its own namespace
+// (CPU_CAPABILITY = DEFAULT, AVX2, AVX512; the same scheme as ATen's at::vec). A kernel source sees
+// the declarations of its own set; ops_cpu.cpp sees all of them and picks one at run time.
+#define LONGFORMER_CPU_KERNELS                                                                       \
+  /* out, lse of the local rows (global and padding rows: 0 and -inf). */                           \
+  template <typename scalar_t> void banded_attention_forward(const AttentionParams& p);              \
+  /* grad_q, grad_k, grad_v (zero-initialised) from grad_out, out and the forward lse; `delta` is */ \
+  /* [B, H, N] scratch in the accumulation dtype. */                                                 \
+  template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, void* delta); \
+  /* Rows of global queries over all real keys with the global projections (q, k, v of p are */    \
+  /* global_q, global_k, global_v); writes those rows of out and lse only. */                      \
+  template <typename scalar_t> void global_attention_forward(const AttentionParams& p);              \
+  template <typename scalar_t> void global_attention_backward(const AttentionParams& p, void* delta); \
+  /* Unfused banded products (formulas in ops.cpp). */                                               \
+  template <typename scalar_t> void banded_matmul_qk(const BandedMatmulParams& p);                   \
+  template <typename scalar_t> void banded_matmul_pv(const BandedMatmulParams& p);                   \
+  template <typename scalar_t> void banded_matmul_pv_transposed(const BandedMatmulParams& p);
+
 namespace longformer::cpu {
-
-// out, lse of the local rows (global and padding rows: 0 and -inf).
-template <typename scalar_t> void banded_attention_forward(const AttentionParams& p);
-// grad_q, grad_k, grad_v (zero-initialised) from grad_out, out and the forward lse; `delta` is
-// [B, H, N] scratch in the accumulation dtype.
-template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, void* delta);
-
-// Rows of global queries over all real keys with the global projections (q, k, v of p are
-// global_q, global_k, global_v); writes those rows of out and lse only.
-template <typename scalar_t> void global_attention_forward(const AttentionParams& p);
-template <typename scalar_t> void global_attention_backward(const AttentionParams& p, void* delta);
-
-// Unfused banded products (see ops.cpp for the exact formulas).
-template <typename scalar_t> void banded_matmul_qk(const BandedMatmulParams& p);
-template <typename scalar_t> void banded_matmul_pv(const BandedMatmulParams& p);
-template <typename scalar_t> void banded_matmul_pv_transposed(const BandedMatmulParams& p);
-
+#ifdef CPU_CAPABILITY
+inline namespace CPU_CAPABILITY { LONGFORMER_CPU_KERNELS }
+#else
+namespace DEFAULT { LONGFORMER_CPU_KERNELS }
+#ifdef LONGFORMER_CPU_AVX2
+namespace AVX2 { LONGFORMER_CPU_KERNELS }
+#endif
+#ifdef LONGFORMER_CPU_AVX512
+namespace AVX512 { LONGFORMER_CPU_KERNELS }
+#endif
+#endif
 }  // namespace longformer::cpu
+
+#undef LONGFORMER_CPU_KERNELS

@@ -1,13 +1,51 @@
 // CPU implementations of the longformer ops: check inputs, build the parameter block, dispatch
 // on dtype to the kernels in this folder.
 #include <ATen/Dispatch.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "kernels.h"
 #include "longformer/checks.h"
 
 namespace longformer::cpu {
 namespace {
+
+// The kernels of one instruction set, for one dtype.
+template <typename scalar_t>
+struct KernelTable {
+  void (*banded_forward)(const AttentionParams&);
+  void (*banded_backward)(const AttentionParams&, void*);
+  void (*global_forward)(const AttentionParams&);
+  void (*global_backward)(const AttentionParams&, void*);
+  void (*qk)(const BandedMatmulParams&);
+  void (*pv)(const BandedMatmulParams&);
+  void (*pv_transposed)(const BandedMatmulParams&);
+};
+
+#define LONGFORMER_KERNEL_TABLE(isa)                                                                      \
+  KernelTable<scalar_t> {                                                                               \
+    &isa::banded_attention_forward<scalar_t>, &isa::banded_attention_backward<scalar_t>,                \
+        &isa::global_attention_forward<scalar_t>, &isa::global_attention_backward<scalar_t>,            \
+        &isa::banded_matmul_qk<scalar_t>, &isa::banded_matmul_pv<scalar_t>,                             \
+        &isa::banded_matmul_pv_transposed<scalar_t>                                                     \
+  }
+
+// The widest instruction set that is both compiled in and allowed by ATen on this CPU (so the
+// ATEN_CPU_CAPABILITY environment variable lowers it for us too).
+template <typename scalar_t>
+KernelTable<scalar_t> kernels() {
+  static const std::string capability = at::get_cpu_capability();
+#ifdef LONGFORMER_CPU_AVX512
+  if (capability == "AVX512") return LONGFORMER_KERNEL_TABLE(AVX512);
+#endif
+#ifdef LONGFORMER_CPU_AVX2
+  if (capability == "AVX2" || capability == "AVX512") return LONGFORMER_KERNEL_TABLE(AVX2);
+#endif
+  return LONGFORMER_KERNEL_TABLE(DEFAULT);
+}
+#undef LONGFORMER_KERNEL_TABLE
 
 void check_cpu_dtype(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
@@ -72,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn",
-                                 [&] { banded_attention_forward<scalar_t>(prep.params); });
+                                 [&] { kernels<scalar_t>().banded_forward(prep.params); });
   return {out, lse};
 }
 
@@ -102,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
   p.grad_v = heads_view(dv);
   p.lse = lse_c.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn_backward",
-                                 [&] { banded_attention_backward<scalar_t>(p, delta.data_ptr()); });
+                                 [&] { kernels<scalar_t>().banded_backward(p, delta.data_ptr()); });
   return {dq, dk, dv};
 }
 
@@ -119,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::T
   prep.params.out = heads_view(new_out);
   prep.params.lse = lse.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn",
-                                 [&] { global_attention_forward<scalar_t>(prep.params); });
+                                 [&] { kernels<scalar_t>().global_forward(prep.params); });
   return {new_out, lse};
 }
 
@@ -151,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
   p.grad_v = heads_view(dv);
   p.lse = lse_c.data_ptr();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn_backward",
-                                 [&] { global_attention_backward<scalar_t>(p, delta.data_ptr()); });
+                                 [&] { kernels<scalar_t>().global_backward(p, delta.data_ptr()); });
   return {dq, dk, dv, grad_in};
 }
 
@@ -194,7 +232,7 @@ at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t
   p.band = band.data_ptr();
   p.fill = fill;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_matmul_qk",
-                                 [&] { banded_matmul_qk<scalar_t>(p); });
+                                 [&] { kernels<scalar_t>().qk(p); });
   return band;
 }
 
@@ -213,9 +251,9 @@ at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tens
   (kTransposed ? p.a : p.b) = heads_view(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "banded_matmul_pv", [&] {
     if constexpr (kTransposed) {
-      banded_matmul_pv_transposed<scalar_t>(p);
+      kernels<scalar_t>().pv_transposed(p);
     } else {
-      banded_matmul_pv<scalar_t>(p);
+      kernels<scalar_t>().pv(p);
     }
   });
   return out;

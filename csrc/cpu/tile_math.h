@@ -16,11 +16,13 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 #include "gemm.h"
 #include "longformer/params.h"
 
 namespace longformer::cpu {
+inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 // Softmax and accumulation run in float for float/bfloat16 inputs and in double for double.
 template <typename scalar_t> struct Accumulate { using type = float; };
@@ -75,6 +77,25 @@ void load_rows(acc* dst, const scalar_t* head, int64_t stride_n, Positions pos, 
   }
 }
 
+// A row-major block of rows in the accumulation dtype: `data` with `ld` elements between rows.
+template <typename acc>
+struct Rows {
+  const acc* data;
+  int64_t ld;
+};
+
+// The rows as a view into the input when it already has the accumulation dtype and evenly spaced
+// rows (BLAS reads them in place), else copied (and converted) into `scratch`.
+template <typename scalar_t, typename acc>
+Rows<acc> rows_of(acc* scratch, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    const int64_t ld = pos.step * stride_n;
+    if (!pos.list && ld >= dim && ld <= std::numeric_limits<int32_t>::max()) return {head + pos[0] * stride_n, ld};
+  }
+  load_rows(scratch, head, stride_n, pos, count, dim);
+  return {scratch, dim};
+}
+
 template <typename scalar_t, typename acc>
 void store_rows(scalar_t* head, int64_t stride_n, Positions pos, const acc* src, int64_t count, int64_t dim) {
   for (int64_t r = 0; r < count; ++r) {
@@ -100,20 +121,20 @@ acc dot(const acc* a, const acc* b, int64_t n) {
 
 // s[rows][keys] = scale * q[rows][dim] . k[keys][dim]^T
 template <typename acc>
-void score_tile(acc* s, const acc* q, const acc* k, int64_t rows, int64_t keys, int64_t dim, acc scale) {
-  gemm(false, true, rows, keys, dim, scale, q, dim, k, dim, acc(0), s, keys);
+void score_tile(acc* s, Rows<acc> q, Rows<acc> k, int64_t rows, int64_t keys, int64_t dim, acc scale) {
+  gemm(false, true, rows, keys, dim, scale, q.data, q.ld, k.data, k.ld, acc(0), s, keys);
 }
 
 // c[rows][dim] += alpha * a[rows][keys] . b[keys][dim]
 template <typename acc>
-void accumulate_ab(acc* c, const acc* a, const acc* b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
-  gemm(false, false, rows, dim, keys, alpha, a, keys, b, dim, acc(1), c, dim);
+void accumulate_ab(acc* c, const acc* a, Rows<acc> b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
+  gemm(false, false, rows, dim, keys, alpha, a, keys, b.data, b.ld, acc(1), c, dim);
 }
 
 // c[keys][dim] += alpha * a[rows][keys]^T . b[rows][dim]
 template <typename acc>
-void accumulate_atb(acc* c, const acc* a, const acc* b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
-  gemm(true, false, keys, dim, rows, alpha, a, keys, b, dim, acc(1), c, dim);
+void accumulate_atb(acc* c, const acc* a, Rows<acc> b, int64_t rows, int64_t keys, int64_t dim, acc alpha) {
+  gemm(true, false, keys, dim, rows, alpha, a, keys, b.data, b.ld, acc(1), c, dim);
 }
 
 // Keeps, in row r, only the keys in [lo[r], hi[r]) (block-relative) whose bias is not -inf.
@@ -133,6 +154,8 @@ void mask_tile(acc* s, int64_t rows, int64_t keys, const int64_t* lo, const int6
 }
 
 // row[c] = exp(row[c] - shift) in place; returns the sum. exp(-inf) = 0 takes care of masked keys.
+// The vector body uses exp_u20 (a few ulp in float, well inside the tolerances; full precision
+// for double), which is much cheaper than the correctly-rounded exp.
 template <typename acc>
 acc exp_shifted(acc* row, int64_t n, acc shift) {
   using Vec = at::vec::Vectorized<acc>;
@@ -140,7 +163,7 @@ acc exp_shifted(acc* row, int64_t n, acc shift) {
   Vec vsum(acc(0));
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec x = (Vec::loadu(row + c) - vshift).exp();
+    Vec x = (Vec::loadu(row + c) - vshift).exp_u20();
     x.store(row + c);
     vsum = vsum + x;
   }
@@ -183,7 +206,7 @@ struct OnlineSoftmax {
   }
 
   // Takes masked scores s[rows][keys] (overwritten with probabilities) and values v[keys][dim].
-  void absorb(acc* s, const acc* v, int64_t keys) {
+  void absorb(acc* s, Rows<acc> v, int64_t keys) {
     for (int64_t r = 0; r < rows; ++r) {
       acc* row = s + r * keys;
       acc new_m = std::max(m[r], row_max(row, keys));
@@ -219,8 +242,8 @@ struct OnlineSoftmax {
 // lse, delta = rowsum(dout * out), and the key block k, v. Out: whichever of dq[rows][dim],
 // dk[keys][dim], dv[keys][dim] is non-null is accumulated into. `ds` is scratch of s's size.
 template <typename acc>
-void backward_tile(acc* s, acc* ds, const acc* q, const acc* dout, const acc* lse, const acc* delta, const acc* k,
-                   const acc* v, int64_t rows, int64_t keys, int64_t dim, acc scale, acc* dq, acc* dk, acc* dv) {
+void backward_tile(acc* s, acc* ds, Rows<acc> q, Rows<acc> dout, const acc* lse, const acc* delta, Rows<acc> k,
+                   Rows<acc> v, int64_t rows, int64_t keys, int64_t dim, acc scale, acc* dq, acc* dk, acc* dv) {
   for (int64_t r = 0; r < rows; ++r) {
     acc* row = s + r * keys;
     if (lse[r] == neg_inf<acc>()) {  // padding, global or keyless row: no gradient flows
@@ -240,4 +263,5 @@ void backward_tile(acc* s, acc* ds, const acc* q, const acc* dout, const acc* ls
   if (dk) accumulate_atb(dk, ds, q, rows, keys, dim, scale);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu
