@@ -1,5 +1,9 @@
 """Seeded sweep of the fused CPU kernels against the dense float64 oracle, forward and backward."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,3 +40,14 @@ def test_matches_oracle(case):
     for name, g, eg in zip(names, grads, expected_grads):
         assert torch.isfinite(g).all(), f"grad {name} has non-finite values"
         assert_close_to_oracle(g, eg, case.dtype, f"grad {name}")
+
+
+def test_default_instruction_set_matches_oracle():
+    """The kernels built without vector extensions (picked on CPUs without AVX2) pass a sweep too;
+    ATEN_CPU_CAPABILITY=default selects them in a fresh process."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", LONGFORMER_SWEEP_COUNT="24")
+    probe = "import torch; assert torch.backends.cpu.get_cpu_capability() == 'DEFAULT'"
+    subprocess.run([sys.executable, "-c", probe], env=env, check=True)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"{__file__}::test_matches_oracle"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
