@@ -1,6 +1,6 @@
-// Building blocks shared by the fused CPU kernels: tiles of rows copied into accumulation-dtype
-// scratch, score tiles from one GEMM, interval masks, the online-softmax forward update and the
-// backward update of one (query rows x key block) tile.
+// Building blocks shared by the fused CPU kernels: tiles of rows (views of the input, or copies
+// in the accumulation dtype), score tiles from one GEMM, interval masks, the online-softmax
+// forward update and the backward update of one (query rows x key block) tile.
 //
 // Every fused kernel is a loop over such tiles; what differs between them is only which rows form
 // the query tile, which keys form a block, and which (row, key) pairs the mask keeps.
