@@ -13,13 +13,13 @@ evenly over the sequence, the first token included. Every global token attends t
 attended to by every query, which is the same pattern in all four implementations.
 
 Figures per (N, G, implementation), forward and forward+backward:
-  * median wall time over a few repeats after a warm-up call (fewer repeats for slow calls);
+  * median wall time over a few repeats after an untimed warm-up call (fewer repeats for slow calls);
     the forward runs under torch.no_grad() (inference), forward+backward computes the gradients of
     out.sum() with respect to q, k, v;
   * useful GFLOP/s = 4 * N * (2w + 1 + G) * D * H / time (x3 for forward+backward), the same numerator
     for every implementation, so it ranks them by time while staying comparable across N;
   * that rate as a fraction of the machine's fp32 GEMM rate (torch.mm of 2048 x 2048, measured at start);
-  * peak extra memory: growth of the process's peak RSS during one warm call (see peak_extra_rss_mb);
+  * peak extra memory: growth of the process's peak RSS during the warm-up call (peak_extra_rss_mb);
   * max |out - ours|, to show the comparison is apples to apples.
 
     python bench/bench_attention.py                # N in 1024 ... 16384, G in 0 1 64
@@ -240,7 +240,10 @@ def run_flex(x: Inputs, block_mask) -> torch.Tensor:
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
-        # dynamic=False: one specialised kernel per N, as a user with fixed shapes would get.
+        # dynamic=False: one specialised kernel per N, as a user with fixed shapes would get (the
+        # mask's global vector is a graph input, so G needs no recompile). Past dynamo's default of 8
+        # recompiles flex would silently fall back to eager; the higher limit covers long --seqlens.
+        torch._dynamo.config.recompile_limit = 64
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(split_heads(x.q), split_heads(x.k), split_heads(x.v), block_mask=block_mask)
 
@@ -283,21 +286,49 @@ def peak_extra_rss_mb(fn: Callable[[], object]) -> Optional[float]:
         return None
 
 
-def time_calls(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps: int) -> tuple[float, int]:
-    """Median seconds of fn after one warm-up call. Repeats fill about budget_s, within [min_reps,
-    max_reps]; a call slower than budget_s gets a single timed repeat, since slow calls vary little."""
-    start = time.perf_counter()
-    fn()  # warm-up: first-touch of buffers, lazy init, oneDNN/compile caches
-    warm = time.perf_counter() - start
-    reps = max(min_reps, min(max_reps, int(budget_s / max(warm, 1e-6))))
-    if warm > budget_s:
-        reps = 1
+def _machine_busy_s() -> float:
+    """CPU seconds spent by everything on this (virtual) machine, all CPUs, since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Share of the machine's CPUs used by other processes (other containers included) while timing.
+    The machine has 2 cores; anything else running makes our figures slow and noisy, so each
+    measurement records it (machine-wide busy time minus this process's CPU time)."""
+
+    def __enter__(self):
+        self.wall, self.busy, self.own = time.perf_counter(), _machine_busy_s(), sum(os.times()[:2])
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall
+        other = (_machine_busy_s() - self.busy) - (sum(os.times()[:2]) - self.own)
+        self.fraction = max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
+def time_calls(fn: Callable[[], object], warm_s: float, budget_s: float, min_reps: int,
+               max_reps: int) -> tuple[float, int, float]:
+    """Median seconds of fn (already warmed up, which took warm_s), the number of timed repeats (they
+    fill about budget_s, within [min_reps, max_reps], so slow calls get fewer), and the other
+    processes' share of the CPUs meanwhile."""
+    reps = max(min_reps, min(max_reps, int(budget_s / max(warm_s, 1e-6))))
     times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), reps
+    with OtherLoad() as load:
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), reps, load.fraction
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Share of the CPUs busy with other work while this process sleeps."""
+    with OtherLoad() as load:
+        time.sleep(seconds)
+    return load.fraction
 
 
 def gemm_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -334,12 +365,18 @@ def forward_backward_call(impl: Callable[[Inputs], torch.Tensor], x: Inputs) -> 
     return call
 
 
-def measure(call: Callable[[], object], work_gflop: float, gemm: float, budget_s: float, min_reps: int,
-            max_reps: int) -> dict:
-    seconds, reps = time_calls(call, budget_s, min_reps, max_reps)
+def measure(call: Callable[[], object], work_gflop: float, gemm: Optional[float], budget_s: float,
+            min_reps: int, max_reps: int) -> dict:
+    """Warm-up call (untimed; its peak memory is the figure: a first call's peak RSS growth matches
+    later calls' within a few MB, and every implementation has run a forward before), then timed
+    repeats."""
+    start = time.perf_counter()
+    peak_mb = peak_extra_rss_mb(call)
+    warm_s = time.perf_counter() - start
+    seconds, reps, other_load = time_calls(call, warm_s, budget_s, min_reps, max_reps)
     rate = work_gflop / seconds
-    return {"ms": seconds * 1e3, "reps": reps, "gflops": rate, "frac_gemm": rate / gemm,
-            "peak_mb": peak_extra_rss_mb(call)}
+    return {"ms": seconds * 1e3, "reps": reps, "gflops": rate, "frac_gemm": None if gemm is None else rate / gemm,
+            "peak_mb": peak_mb, "other_load": other_load}
 
 
 def short_error(e: BaseException) -> str:
@@ -355,13 +392,14 @@ def bench_point(n: int, g: int, args, gemm: float, hf_layer) -> list[dict]:
     x = make_inputs(n, g, seed=n + g)
     masks = hf_masks(x)
     work = useful_gflop(n, g)
-    budget, min_reps, max_reps = (1.0, 2, 5) if args.quick else (4.0, 3, 15)
+    budget, min_reps, max_reps = (1.0, 1, 5) if args.quick else (4.0, 2, 15)
 
     impls: dict[str, Callable[[Inputs], torch.Tensor]] = {
         "ours": run_ours,
         "hf": lambda x_: hf_core(hf_layer, x_, masks),
     }
     skipped: dict[str, str] = {}
+    first_out: dict[str, torch.Tensor] = {}  # outputs of the first calls, for the check against ours
     setup_s: dict[str, float] = {}
     if args.no_flex:
         skipped["flex"] = "skip (--no-flex)"
@@ -370,8 +408,8 @@ def bench_point(n: int, g: int, args, gemm: float, hf_layer) -> list[dict]:
             start = time.perf_counter()
             block_mask = make_flex_block_mask(n, x.global_mask)
             impls["flex"] = lambda x_: run_flex(x_, block_mask)
-            with torch.no_grad():  # first call compiles; time it separately from the warm figures
-                run_flex(x, block_mask)
+            with torch.no_grad():  # first call compiles; timed apart from the warm figures
+                first_out["flex"] = run_flex(x, block_mask)
             setup_s["flex"] = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - a failing alternative must not stop the benchmark
             skipped["flex"] = short_error(e)
@@ -395,8 +433,9 @@ def bench_point(n: int, g: int, args, gemm: float, hf_layer) -> list[dict]:
         if name in setup_s:
             row["compile_s"] = setup_s[name]
         try:
-            with torch.no_grad():
-                row["max_abs_diff_vs_ours"] = (impl(x) - reference).abs().max().item()
+            out = first_out.pop(name) if name in first_out else forward_call(impl, x)()
+            row["max_abs_diff_vs_ours"] = (out - reference).abs().max().item()
+            del out
             row["fwd"] = measure(forward_call(impl, x), work, gemm, budget, min_reps, max_reps)
         except Exception as e:  # noqa: BLE001
             row.update(fwd=short_error(e), max_abs_diff_vs_ours=row.get("max_abs_diff_vs_ours"))
@@ -419,15 +458,20 @@ def bench_point(n: int, g: int, args, gemm: float, hf_layer) -> list[dict]:
 # Output
 
 
+NOISY = 0.10  # other processes' CPU share above which a time is flagged in the table
+
+
 def _cell_ms(m) -> str:
-    return f"{m['ms']:.1f}" if isinstance(m, dict) else m
+    if not isinstance(m, dict):
+        return m
+    return f"{m['ms']:.1f}" + ("*" if m["other_load"] > NOISY else "")
 
 
 def _cells(m) -> list[str]:
     if not isinstance(m, dict):
         return [m, "", "", ""]
     peak = "n/a" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}"
-    return [f"{m['ms']:.1f}", f"{m['gflops']:.1f}", f"{100 * m['frac_gemm']:.0f}%", peak]
+    return [_cell_ms(m), f"{m['gflops']:.1f}", f"{100 * m['frac_gemm']:.0f}%", peak]
 
 
 def _speedup(rows: list[dict], row: dict, key: str) -> str:
@@ -488,8 +532,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    gemm = gemm_gflops()
+    busy_before = cpu_busy_fraction()
+    with OtherLoad() as gemm_load:
+        gemm = gemm_gflops()
     info = machine_info(gemm)
+    info.update(cpu_busy_before=busy_before, gemm_other_load=gemm_load.fraction)
+    if busy_before > 0.1:
+        print(f"# WARNING: {100 * busy_before:.0f}% of the CPUs were busy with other work before the run; "
+              "figures will be slow and noisy", flush=True)
     print(f"# {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, "
           f"transformers {info['transformers']}; fp32 GEMM (2048^3): {gemm:.1f} GFLOP/s", flush=True)
     hf_layer = make_hf_layer()
@@ -507,11 +557,14 @@ def main(argv=None) -> int:
               "peak_mb": "growth of VmHWM during one warm call (clear_refs 5 reset)"}
     print()
     print(f"B={B} H={H} D={D} fp32, one-sided window {WINDOW} (HF attention_window {2 * WINDOW}); "
-          f"G global tokens; fp32 GEMM {gemm:.1f} GFLOP/s; time / ours > 1 means ours is faster")
+          f"G global tokens; fp32 GEMM {gemm:.1f} GFLOP/s; time / ours > 1 means ours is faster; "
+          f"* = other processes used > {100 * NOISY:.0f}% of the CPUs while timing (slow, noisy)")
     print()
     print(markdown_table(rows))
     elapsed = time.perf_counter() - start
-    print(f"\ntotal {elapsed:.0f} s")
+    info["cpu_busy_after"] = cpu_busy_fraction()
+    print(f"\ntotal {elapsed:.0f} s; CPUs busy with other work: {100 * busy_before:.0f}% before the run, "
+          f"{100 * info['cpu_busy_after']:.0f}% after")
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"machine": info, "config": config, "results": rows,
