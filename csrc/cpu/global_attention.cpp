@@ -132,6 +132,7 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t rows = tile.g1 - tile.g0;
       const uint8_t* roles = p.roles + tile.b * p.seqlen;
       const Positions qpos{0, 1, globals[tile.b].data() + tile.g0};
+      const Rows<acc> qr{q.get(), D}, doutr{dout.get(), D};
       load_queries(q.get(), dout.get(), lse.get(), delta.get(), tile.b, tile.h, qpos, rows);
       std::fill(dq.get(), dq.get() + rows * D, acc(0));
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
@@ -140,25 +141,26 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
         const Rows<acc> kr = rows_of(k.get(), head(p.k, tile.b, tile.h), p.k.stride_n, Positions{c0, 1}, keys, D);
         const Rows<acc> vr = rows_of(v.get(), head(p.v, tile.b, tile.h), p.v.stride_n, Positions{c0, 1}, keys, D);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), Rows<acc>{q.get(), D}, kr, rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        backward_tile(s.get(), ds.get(), Rows<acc>{q.get(), D}, Rows<acc>{dout.get(), D}, lse.get(), delta.get(), kr, vr, rows, keys,
-                      D, static_cast<acc>(p.scale), dq.get(), static_cast<acc*>(nullptr), static_cast<acc*>(nullptr));
+        backward_tile(s.get(), ds.get(), qr, doutr, lse.get(), delta.get(), kr, vr, rows, keys, D,
+                      static_cast<acc>(p.scale), dq.get(), static_cast<acc*>(nullptr), static_cast<acc*>(nullptr));
       });
       store_rows(head(p.grad_q, tile.b, tile.h), p.grad_q.stride_n, qpos, dq.get(), rows, D);
     }
   });
 
-  // dK, dV per block of keys, over all global rows of the batch row.
-  const int64_t key_blocks = (p.seqlen + kRowTile - 1) / kRowTile;
+  // dK, dV per block of keys, over all global rows of the batch row. Blocks are large because
+  // there are usually few global rows: small blocks would make many tiny GEMMs.
+  const int64_t key_blocks = (p.seqlen + kBlockLimit - 1) / kBlockLimit;
   parallel_tasks(p.batch * p.heads * key_blocks, [&](int64_t first, int64_t last) {
-    Scratch<acc> q(kBlockLimit * D), dout(kBlockLimit * D), lse(kBlockLimit), delta(kBlockLimit);
-    Scratch<acc> k(kRowTile * D), v(kRowTile * D), dk(kRowTile * D), dv(kRowTile * D);
-    Scratch<acc> s(kBlockLimit * kRowTile), ds(kBlockLimit * kRowTile), bias(kRowTile);
-    Scratch<int64_t> lo(kBlockLimit), hi(kBlockLimit);
+    Scratch<acc> q(kRowTile * D), dout(kRowTile * D), lse(kRowTile), delta(kRowTile);
+    Scratch<acc> k(kBlockLimit * D), v(kBlockLimit * D), dk(kBlockLimit * D), dv(kBlockLimit * D);
+    Scratch<acc> s(kRowTile * kBlockLimit), ds(kRowTile * kBlockLimit), bias(kBlockLimit);
+    Scratch<int64_t> lo(kRowTile), hi(kRowTile);
     for (int64_t t = first; t < last; ++t) {
       const int64_t b = t / (p.heads * key_blocks), h = (t / key_blocks) % p.heads;
-      const int64_t c0 = (t % key_blocks) * kRowTile, keys = std::min(kRowTile, p.seqlen - c0);
+      const int64_t c0 = (t % key_blocks) * kBlockLimit, keys = std::min(kBlockLimit, p.seqlen - c0);
       const uint8_t* roles = p.roles + b * p.seqlen;
       const std::vector<int64_t>& g = globals[b];
       const Rows<acc> kr = rows_of(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D);
@@ -167,15 +169,16 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       std::fill(dv.get(), dv.get() + keys * D, acc(0));
       // With causal attention only global queries at or after c0 see this block.
       const int64_t g_begin = p.causal ? count_at_most(g.data(), static_cast<int64_t>(g.size()), c0 - 1) : 0;
-      for_each_block(g_begin, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
+      for_each_block(g_begin, static_cast<int64_t>(g.size()), kRowTile, [&](int64_t g0, int64_t g1) {
         const int64_t rows = g1 - g0;
         const Positions qpos{0, 1, g.data() + g0};
+        const Rows<acc> qr{q.get(), D}, doutr{dout.get(), D};
         load_queries(q.get(), dout.get(), lse.get(), delta.get(), b, h, qpos, rows);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), Rows<acc>{q.get(), D}, kr, rows, keys, D, static_cast<acc>(p.scale));
+        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        backward_tile(s.get(), ds.get(), Rows<acc>{q.get(), D}, Rows<acc>{dout.get(), D}, lse.get(), delta.get(), kr, vr, rows, keys,
-                      D, static_cast<acc>(p.scale), static_cast<acc*>(nullptr), dk.get(), dv.get());
+        backward_tile(s.get(), ds.get(), qr, doutr, lse.get(), delta.get(), kr, vr, rows, keys, D,
+                      static_cast<acc>(p.scale), static_cast<acc*>(nullptr), dk.get(), dv.get());
       });
       store_rows(head(p.grad_k, b, h), p.grad_k.stride_n, Positions{c0, 1}, dk.get(), keys, D);
       store_rows(head(p.grad_v, b, h), p.grad_v.stride_n, Positions{c0, 1}, dv.get(), keys, D);
