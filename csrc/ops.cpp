@@ -1,45 +1,5 @@
-// The schemas of every longformer op; backends only add TORCH_LIBRARY_IMPL blocks.
-//
-// Shapes: q, k, v, global_q/k/v, out, grads: [B, H, N, D] with a contiguous last dimension.
-// Every [B, H, N, D] result is a view of a contiguous [B, N, H, D] tensor (merging heads is free);
-// lse is [B, H, N] contiguous in the accumulation dtype (float32; float64 for float64 inputs).
-// Masks are [B, N] bool/integer: attention_mask nonzero = real token, global_attention_mask
-// nonzero = global token (a padding token is never global). dilation has 1 or H entries.
-#include <torch/library.h>
+// The `longformer` op library: its schemas (longformer/schemas.h); backends only add
+// TORCH_LIBRARY_IMPL blocks (csrc/cpu/ops_cpu.cpp, csrc/cuda/ops_cuda.cpp).
+#include "longformer/schemas.h"
 
-TORCH_LIBRARY(longformer, m) {
-  // Local rows: band keys (j = i + t*dilation[h], -left <= t <= right, local and real) plus every
-  // real global key; global and padding rows are 0 with lse = -inf.
-  m.def(
-      "banded_attn(Tensor q, Tensor k, Tensor v, int window_left, int window_right, int[] dilation, "
-      "Tensor? attention_mask, Tensor? global_attention_mask, bool causal, float scale) "
-      "-> (Tensor out, Tensor lse)");
-  m.def(
-      "banded_attn_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "int window_left, int window_right, int[] dilation, Tensor? attention_mask, "
-      "Tensor? global_attention_mask, bool causal, float scale) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-
-  // Global rows over every real key, with the global projections, written into a copy of `out`;
-  // lse holds the global rows' log-sum-exp and -inf elsewhere.
-  m.def(
-      "global_attn(Tensor global_q, Tensor global_k, Tensor global_v, Tensor global_attention_mask, "
-      "Tensor? attention_mask, bool causal, float scale, Tensor out) -> (Tensor out, Tensor lse)");
-  m.def(
-      "global_attn_backward(Tensor grad_out, Tensor global_q, Tensor global_k, Tensor global_v, "
-      "Tensor out, Tensor lse, Tensor global_attention_mask, Tensor? attention_mask, bool causal, "
-      "float scale) -> (Tensor grad_global_q, Tensor grad_global_k, Tensor grad_global_v, "
-      "Tensor grad_out_in)");
-
-  // Unfused products over the band layout [B, H, N, left + right + 1], slot t of row i being key
-  // j = i + (t - left) * dilation[h]:
-  //   qk[i, t] = q_i . k_j (`fill` where j is outside the sequence)
-  //   pv_i = sum_t p[i, t] v_j;  pv_transposed_j = sum over (i, t) reaching j of p[i, t] x_i.
-  m.def(
-      "banded_matmul_qk(Tensor q, Tensor k, int window_left, int window_right, int[] dilation, "
-      "float fill) -> Tensor");
-  m.def("banded_matmul_pv(Tensor p, Tensor v, int window_left, int window_right, int[] dilation) -> Tensor");
-  m.def(
-      "banded_matmul_pv_transposed(Tensor p, Tensor x, int window_left, int window_right, "
-      "int[] dilation) -> Tensor");
-}
+TORCH_LIBRARY(longformer, m) { longformer::define_schemas(m); }

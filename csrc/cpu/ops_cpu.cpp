@@ -4,6 +4,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 
 #include "kernels.h"
@@ -85,6 +86,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.v = heads_view(v);
   p.roles = out.roles.data_ptr<uint8_t>();
   p.dilation = out.dilation.data();
+  p.max_dilation = *std::max_element(out.dilation.begin(), out.dilation.end());
   p.window_left = window_left;
   p.window_right = window_right;
   p.causal = causal;

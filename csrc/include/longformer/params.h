@@ -32,7 +32,8 @@ struct AttentionParams {
   void* lse = nullptr;
 
   const uint8_t* roles = nullptr;       // [B, N] contiguous, values of Role
-  const int64_t* dilation = nullptr;    // [H], each >= 1
+  const int64_t* dilation = nullptr;    // [H], each >= 1 (device memory for CUDA kernels)
+  int64_t max_dilation = 1;             // largest entry of dilation, known on the host (grid sizes)
   int64_t window_left = 0, window_right = 0;
   bool causal = false;
   double scale = 1.0;
@@ -48,6 +49,7 @@ struct BandedMatmulParams {
   RowMajorHeads a, b, out;  // the [B, H, N, D] operands / result (which ones depends on the op)
   void* band = nullptr;
   const int64_t* dilation = nullptr;
+  int64_t max_dilation = 1;
   int64_t window_left = 0, window_right = 0;
   double fill = 0.0;        // banded_matmul_qk: value written to slots whose key is outside [0, N)
 

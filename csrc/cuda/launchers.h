@@ -1,0 +1,53 @@
+// Host-side entry points of the CUDA kernels. Each is defined at the bottom of its kernel file
+// (kernel-only .cu, no torch headers) and called from the op glue (ops_glue.h), which checks the
+// inputs, allocates and initialises every output, and turns a nonzero return (a cudaError_t value)
+// into a Python exception. All pointers in the parameter blocks are device memory (host memory in
+// the host emulation); `stream` is a cudaStream_t.
+#pragma once
+
+#include <cstdint>
+
+#include "longformer/params.h"
+
+namespace longformer::cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// The global tokens of each batch: index[b * seqlen + g] for g < count[b] are their positions in
+// ascending order (int64, [B, N]; entries past count[b] are unspecified); count is int64 [B].
+struct GlobalKeys {
+  const int64_t* index = nullptr;
+  const int64_t* count = nullptr;
+};
+
+// Contract shared by the attention launchers (semantics: DESIGN.md §2, csrc/include/longformer/schemas.h):
+// * forward: `out` arrives zero-filled and `lse` filled with -inf; the kernel writes the rows it
+//   computes (local rows for banded, global rows for global).
+// * backward: grad_q, grad_k, grad_v arrive zero-filled; `workspace` has the size the matching
+//   *_workspace_bytes function asked for (uninitialised). Results are deterministic: no
+//   order-dependent floating-point atomics.
+
+// Local rows, SIMT (every dtype; the float32/float64 path): band keys plus every global key.
+int banded_attention_forward_simt(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
+// Local rows on tensor cores (mma.sync m16n8k16, fp32 accumulation): float16 and bfloat16 only.
+int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
+
+int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
+int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
+                              void* stream);
+
+// Rows of global queries over every real key; p.q/k/v are global_q/k/v.
+int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
+int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
+// grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows).
+int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
+                              void* stream);
+
+// Unfused banded products (BandedMatmulParams; formulas in longformer/schemas.h).
+// qk: a = q, b = k -> band (every slot written, `fill` off the sequence). pv: band, b = v -> out.
+// pv_transposed: band, a = x -> out. The `out` of pv and pv_transposed arrives zero-filled.
+int banded_matmul_qk(const BandedMatmulParams& p, DType dtype, void* stream);
+int banded_matmul_pv(const BandedMatmulParams& p, DType dtype, void* stream);
+int banded_matmul_pv_transposed(const BandedMatmulParams& p, DType dtype, void* stream);
+
+}  // namespace longformer::cuda

@@ -1,0 +1,299 @@
+// Op glue shared by the CUDA build (ops_cuda.cpp) and the host-emulated build of the same kernels
+// (emulation/ops_emulated.cpp): input checks, output allocation and initialisation, the parameter
+// blocks, and the launch. The including file first defines, in namespace longformer::cuda:
+//   void* glue_stream(const at::Tensor&)          the stream to launch on
+//   void glue_check(int error, const char* op)    raises on a nonzero launcher result
+//   struct GlueDeviceGuard { explicit GlueDeviceGuard(const at::Tensor&); }
+// and afterwards registers the functions below with TORCH_LIBRARY_IMPL.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "launchers.h"
+#include "longformer/checks.h"
+
+namespace longformer::cuda {
+namespace {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+DType kernel_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "longformer: CUDA kernels support float32, float64, float16 and bfloat16, got ",
+                  t.scalar_type());
+  }
+}
+
+// Which forward kernel serves float16/bfloat16: tensor cores unless LONGFORMER_CUDA_FORWARD=simt
+// (kept so the two paths can be compared on the same inputs; float32/float64 always use SIMT).
+bool use_tensor_cores(DType dtype) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  const char* choice = std::getenv("LONGFORMER_CUDA_FORWARD");
+  if (choice == nullptr || std::strcmp(choice, "mma") == 0 || std::strcmp(choice, "auto") == 0) return true;
+  TORCH_CHECK(std::strcmp(choice, "simt") == 0, "longformer: LONGFORMER_CUDA_FORWARD must be auto, mma or simt, got ",
+              choice);
+  return false;
+}
+
+// Everything the attention launchers read besides the operands, kept alive for the call.
+struct Prepared {
+  AttentionParams params;
+  GlobalKeys globals;
+  at::Tensor roles, dilation, global_index, global_count;
+  DType dtype = DType::kFloat32;
+  bool empty = false;
+};
+
+Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_left,
+                 int64_t window_right, at::IntArrayRef dilation, const std::optional<at::Tensor>& attention_mask,
+                 const std::optional<at::Tensor>& global_attention_mask, bool causal, double scale) {
+  check_heads_tensor(q, "q", q);
+  check_heads_tensor(k, "k", q);
+  check_heads_tensor(v, "v", q);
+  check_window(window_left, window_right);
+  check_mask(attention_mask, "attention_mask", q);
+  check_mask(global_attention_mask, "global_attention_mask", q);
+  Prepared out;
+  out.dtype = kernel_dtype(q);
+  TORCH_CHECK(q.size(3) <= kMaxHeadDim, "longformer: CUDA kernels support head dims up to ", kMaxHeadDim, ", got ",
+              q.size(3));
+  std::vector<int64_t> per_head = per_head_dilation(dilation, q.size(1));
+  out.empty = q.numel() == 0;
+  if (out.empty) return out;
+  out.roles = token_roles(q, attention_mask, global_attention_mask);
+  out.dilation = at::tensor(per_head, q.options().dtype(at::kLong));
+  // Global positions first, ascending (a stable sort on "not global"), and their count per batch.
+  at::Tensor not_global = out.roles.ne(kGlobal).to(at::kByte);
+  out.global_index = std::get<1>(not_global.sort(/*stable=*/true, /*dim=*/1)).contiguous();
+  out.global_count = out.roles.eq(kGlobal).sum(1).to(at::kLong).contiguous();
+  out.globals = GlobalKeys{out.global_index.data_ptr<int64_t>(), out.global_count.data_ptr<int64_t>()};
+
+  AttentionParams& p = out.params;
+  p.batch = q.size(0);
+  p.heads = q.size(1);
+  p.seqlen = q.size(2);
+  p.head_dim = q.size(3);
+  p.q = heads_view(q);
+  p.k = heads_view(k);
+  p.v = heads_view(v);
+  p.roles = out.roles.data_ptr<uint8_t>();
+  p.dilation = out.dilation.data_ptr<int64_t>();
+  p.max_dilation = *std::max_element(per_head.begin(), per_head.end());
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.causal = causal;
+  p.scale = scale;
+  return out;
+}
+
+at::Tensor lse_like(const at::Tensor& q) {
+  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
+                  q.options().dtype(accumulation_dtype(q.scalar_type())));
+}
+
+at::Tensor zeros_heads(const at::Tensor& like) { return empty_heads(like.sizes(), like.options()).zero_(); }
+
+at::Tensor checked_lse(const at::Tensor& lse, const at::Tensor& q, const char* producer) {
+  at::Tensor lse_c = lse.contiguous();
+  TORCH_CHECK(lse_c.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}) &&
+                  lse_c.scalar_type() == accumulation_dtype(q.scalar_type()) && lse_c.device() == q.device(),
+              "longformer: lse must be [B, H, N] in the accumulation dtype on q's device, as returned by ", producer);
+  return lse_c;
+}
+
+at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
+  return at::empty({std::max<int64_t>(bytes, 1)}, like.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
+                                               const std::optional<at::Tensor>& attention_mask,
+                                               const std::optional<at::Tensor>& global_attention_mask, bool causal,
+                                               double scale) {
+  GlueDeviceGuard guard(q);
+  Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                          causal, scale);
+  at::Tensor out = zeros_heads(q);
+  at::Tensor lse = lse_like(q);
+  if (prep.empty) return {out, lse};
+  prep.params.out = heads_view(out);
+  prep.params.lse = lse.data_ptr();
+  if (use_tensor_cores(prep.dtype)) {
+    glue_check(banded_attention_forward_mma(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
+  } else {
+    glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& global_attention_mask,
+    bool causal, double scale) {
+  GlueDeviceGuard guard(q);
+  Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                          causal, scale);
+  check_heads_tensor(grad_out, "grad_out", q);
+  check_heads_tensor(out, "out", q);
+  at::Tensor dq = zeros_heads(q), dk = zeros_heads(q), dv = zeros_heads(q);
+  if (prep.empty) return {dq, dk, dv};
+  at::Tensor lse_c = checked_lse(lse, q, "banded_attn");
+  AttentionParams& p = prep.params;
+  p.out = heads_view(out);
+  p.grad_out = heads_view(grad_out);
+  p.grad_q = heads_view(dq);
+  p.grad_k = heads_view(dk);
+  p.grad_v = heads_view(dv);
+  p.lse = lse_c.data_ptr();
+  at::Tensor scratch = workspace(banded_attention_backward_workspace_bytes(p, prep.dtype), q);
+  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(q)),
+             "banded_attn_backward");
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
+                                               const at::Tensor& global_attention_mask,
+                                               const std::optional<at::Tensor>& attention_mask, bool causal,
+                                               double scale, const at::Tensor& out) {
+  GlueDeviceGuard guard(gq);
+  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
+  check_heads_tensor(out, "out", gq);
+  at::Tensor new_out = empty_heads(gq.sizes(), gq.options());
+  new_out.copy_(out);
+  at::Tensor lse = lse_like(gq);
+  if (prep.empty) return {new_out, lse};
+  prep.params.out = heads_view(new_out);
+  prep.params.lse = lse.data_ptr();
+  glue_check(global_attention_forward(prep.params, prep.globals, prep.dtype, glue_stream(gq)), "global_attn");
+  return {new_out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
+    const at::Tensor& grad_out, const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& global_attention_mask,
+    const std::optional<at::Tensor>& attention_mask, bool causal, double scale) {
+  GlueDeviceGuard guard(gq);
+  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
+  check_heads_tensor(grad_out, "grad_out", gq);
+  check_heads_tensor(out, "out", gq);
+  at::Tensor dq = zeros_heads(gq), dk = zeros_heads(gq), dv = zeros_heads(gq);
+  at::Tensor grad_in = empty_heads(gq.sizes(), gq.options());
+  grad_in.copy_(grad_out);
+  if (prep.empty) return {dq, dk, dv, grad_in};
+  // The incoming out's global rows were overwritten, so their gradient does not flow back.
+  grad_in.masked_fill_(prep.roles.eq(kGlobal).view({gq.size(0), 1, gq.size(2), 1}), 0);
+  at::Tensor lse_c = checked_lse(lse, gq, "global_attn");
+  AttentionParams& p = prep.params;
+  p.out = heads_view(out);
+  p.grad_out = heads_view(grad_out);
+  p.grad_q = heads_view(dq);
+  p.grad_k = heads_view(dk);
+  p.grad_v = heads_view(dv);
+  p.lse = lse_c.data_ptr();
+  at::Tensor scratch = workspace(global_attention_backward_workspace_bytes(p, prep.dtype), gq);
+  glue_check(global_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(gq)),
+             "global_attn_backward");
+  return {dq, dk, dv, grad_in};
+}
+
+// Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
+struct PreparedBand {
+  BandedMatmulParams params;
+  at::Tensor dilation;
+  DType dtype = DType::kFloat32;
+};
+
+PreparedBand banded_params(const at::Tensor& heads, int64_t window_left, int64_t window_right,
+                           at::IntArrayRef dilation) {
+  check_window(window_left, window_right);
+  PreparedBand out;
+  out.dtype = kernel_dtype(heads);
+  std::vector<int64_t> per_head = per_head_dilation(dilation, heads.size(1));
+  out.dilation = at::tensor(per_head, heads.options().dtype(at::kLong));
+  BandedMatmulParams& p = out.params;
+  p.batch = heads.size(0);
+  p.heads = heads.size(1);
+  p.seqlen = heads.size(2);
+  p.head_dim = heads.size(3);
+  p.dilation = out.dilation.data_ptr<int64_t>();
+  p.max_dilation = per_head.empty() ? 1 : *std::max_element(per_head.begin(), per_head.end());
+  p.window_left = window_left;
+  p.window_right = window_right;
+  return out;
+}
+
+void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
+  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
+                  band.size(2) == heads.size(2) && band.size(3) == width,
+              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
+              heads.size(2), ", ", width, "], got ", band.sizes());
+  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
+              "longformer: band must have the dtype and device of the other operand");
+}
+
+at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t window_left, int64_t window_right,
+                               at::IntArrayRef dilation, double fill) {
+  GlueDeviceGuard guard(q);
+  check_heads_tensor(q, "q", q);
+  check_heads_tensor(k, "k", q);
+  PreparedBand prep = banded_params(q, window_left, window_right, dilation);
+  BandedMatmulParams& p = prep.params;
+  at::Tensor band = at::empty({q.size(0), q.size(1), q.size(2), p.band_width()}, q.options());
+  if (band.numel() == 0) return band;
+  p.a = heads_view(q);
+  p.b = heads_view(k);
+  p.band = band.data_ptr();
+  p.fill = fill;
+  glue_check(banded_matmul_qk(p, prep.dtype, glue_stream(q)), "banded_matmul_qk");
+  return band;
+}
+
+template <bool kTransposed>
+at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tensor& x, int64_t window_left,
+                                          int64_t window_right, at::IntArrayRef dilation) {
+  GlueDeviceGuard guard(x);
+  check_heads_tensor(x, kTransposed ? "x" : "v", x);
+  PreparedBand prep = banded_params(x, window_left, window_right, dilation);
+  BandedMatmulParams& p = prep.params;
+  check_band(band, x, p.band_width());
+  at::Tensor band_c = band.contiguous();
+  at::Tensor out = zeros_heads(x);
+  if (out.numel() == 0) return out;
+  p.band = band_c.data_ptr();
+  p.out = heads_view(out);
+  (kTransposed ? p.a : p.b) = heads_view(x);
+  if constexpr (kTransposed) {
+    glue_check(banded_matmul_pv_transposed(p, prep.dtype, glue_stream(x)), "banded_matmul_pv_transposed");
+  } else {
+    glue_check(banded_matmul_pv(p, prep.dtype, glue_stream(x)), "banded_matmul_pv");
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace longformer::cuda
+
+// Registers the glue above for one dispatch key of one library namespace.
+#define LONGFORMER_REGISTER_GLUE(ns, key)                                                           \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                                                                  \
+    m.impl("banded_attn", &longformer::cuda::banded_attn);                                          \
+    m.impl("banded_attn_backward", &longformer::cuda::banded_attn_backward);                        \
+    m.impl("global_attn", &longformer::cuda::global_attn);                                          \
+    m.impl("global_attn_backward", &longformer::cuda::global_attn_backward);                        \
+    m.impl("banded_matmul_qk", &longformer::cuda::banded_matmul_qk_op);                             \
+    m.impl("banded_matmul_pv", &longformer::cuda::banded_matmul_band_times_heads<false>);           \
+    m.impl("banded_matmul_pv_transposed", &longformer::cuda::banded_matmul_band_times_heads<true>); \
+  }
