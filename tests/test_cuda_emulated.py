@@ -1,0 +1,212 @@
+"""The CUDA kernel sources, compiled for the host (csrc/cuda/emulation), against the dense oracle.
+
+`torch.ops.longformer_emulated.*` are the CUDA kernels behind the same glue as the CUDA build, run
+on CPU tensors by the host emulation of the CUDA execution model (blocks of fibers, barriers, warp
+shuffles, emulated tensor-core MMA). This is how the CUDA code is verified on machines without a
+GPU; it shows indexing, masking, barrier and fragment-layout bugs, not data races or speed.
+
+Environment: LONGFORMER_EMULATION_COUNT (cases, default 40), LONGFORMER_SEED.
+"""
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import longformer_ext
+from conftest import Case, assert_close_to_oracle, make_inputs
+from cuda_cases import HALF_TYPES, random_small_case, same_dtype_reference, small_cases
+from longformer_ext._args import check_attention_args
+from longformer_ext.reference import dense_attention
+
+COUNT = int(os.environ.get("LONGFORMER_EMULATION_COUNT", "40"))
+SEED = int(os.environ.get("LONGFORMER_SEED", "0"))
+
+
+def _load():
+    path = Path(os.environ.get("LONGFORMER_EMULATED_LIBRARY",
+                               Path(longformer_ext.__file__).parent / "_longformer_cuda_emulated.so"))
+    if not path.exists():
+        if os.environ.get("LONGFORMER_REQUIRE_EMULATION") == "1":
+            pytest.fail(f"the host-emulated CUDA library {path} was not built")
+        pytest.skip(f"the host-emulated CUDA library {path} was not built (LONGFORMER_CUDA_EMULATION=OFF)")
+    torch.ops.load_library(str(path))
+    return torch.ops.longformer_emulated
+
+
+emu = _load()
+
+
+class EmulatedAttention(torch.autograd.Function):
+    """longformer_attention composed of the emulated ops, forward and backward by hand."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gq, gk, gv, left, right, dilation, am, gm, causal, scale):
+        out, lse = emu.banded_attn(q, k, v, left, right, dilation, am, gm, causal, scale)
+        ctx.banded = (out, lse)
+        ctx.args = (left, right, dilation, am, gm, causal, scale)
+        ctx.has_global = gm is not None
+        final = out
+        if gm is not None:
+            final, glse = emu.global_attn(gq, gk, gv, gm, am, causal, scale, out)
+            ctx.global_out = (final, glse)
+        ctx.save_for_backward(q, k, v, gq, gk, gv)
+        return final
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, gq, gk, gv = ctx.saved_tensors
+        left, right, dilation, am, gm, causal, scale = ctx.args
+        grad = grad.contiguous()
+        dgq = dgk = dgv = None
+        if ctx.has_global:
+            final, glse = ctx.global_out
+            dgq, dgk, dgv, grad = emu.global_attn_backward(grad, gq, gk, gv, final, glse, gm, am, causal, scale)
+        out, lse = ctx.banded
+        dq, dk, dv = emu.banded_attn_backward(grad, q, k, v, out, lse, left, right, dilation, am, gm, causal, scale)
+        return dq, dk, dv, dgq, dgk, dgv, *([None] * 7)
+
+
+def emulated_attention(q, k, v, window, *, dilation=1, attention_mask=None, global_attention_mask=None,
+                       global_q=None, global_k=None, global_v=None, causal=False, scale=None):
+    args = check_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q, global_k,
+                                global_v, causal, scale)
+    shared = global_q is None
+    out = EmulatedAttention.apply(q, k, v, q if shared else global_q, k if shared else global_k,
+                                  v if shared else global_v, args.window_left, args.window_right, args.dilation,
+                                  attention_mask, global_attention_mask, causal, args.scale)
+    return out
+
+
+def _tensors(q, k, v, kwargs):
+    return [q, k, v] + [kwargs[n] for n in ("global_q", "global_k", "global_v") if n in kwargs]
+
+
+def _with(tensors, kwargs, convert):
+    copies = [convert(t) for t in tensors]
+    new_kwargs = dict(kwargs)
+    for name, t in zip(("global_q", "global_k", "global_v"), copies[3:]):
+        new_kwargs[name] = t
+    return copies, new_kwargs
+
+
+def check_against_oracle(case, q, k, v, kwargs):
+    tensors = _tensors(q, k, v, kwargs)
+    out = emulated_attention(q, k, v, case.window, **kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    copies, oracle_kwargs = _with(tensors, kwargs, lambda t: t.detach().double().requires_grad_())
+    expected = dense_attention(*copies[:3], case.window, **oracle_kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(case.dtype)
+    grads = torch.autograd.grad(out, tensors, grad)
+    expected_grads = torch.autograd.grad(expected, copies, grad.double())
+    names = ["output", "grad q", "grad k", "grad v", "grad global_q", "grad global_k", "grad global_v"]
+    ours = [out, *grads]
+    oracle = [expected, *expected_grads]
+    if case.dtype not in HALF_TYPES:
+        for name, a, e in zip(names, ours, oracle):
+            assert torch.isfinite(a).all(), f"{name} has non-finite values"
+            assert_close_to_oracle(a, e, case.dtype, name)
+        return
+    # Half types: within 2x the error of PyTorch's own computation in that dtype (plus one unit of
+    # the dtype's rounding, for when PyTorch happens to be nearly exact).
+    ref_copies, ref_kwargs = _with(tensors, kwargs, lambda t: t.detach().clone().requires_grad_())
+    reference = same_dtype_reference(*ref_copies[:3], case.window, **ref_kwargs)
+    reference_grads = torch.autograd.grad(reference, ref_copies, grad)
+    eps = torch.finfo(case.dtype).eps
+    for name, a, r, e in zip(names, ours, [reference, *reference_grads], oracle):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        err = (a.double() - e).abs().max().item() if e.numel() else 0.0
+        ref_err = (r.double() - e).abs().max().item() if e.numel() else 0.0
+        bound = 2 * ref_err + eps * (1 + (e.abs().max().item() if e.numel() else 0.0))
+        assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (PyTorch {case.dtype} error {ref_err:.3e})"
+
+
+@pytest.mark.parametrize("case", small_cases(COUNT, SEED), ids=str)
+def test_emulated_kernels_match_oracle(case):
+    check_against_oracle(case, *make_inputs(case))
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("forward", ["simt", "mma"])
+def test_both_half_forward_paths(dtype, forward, monkeypatch):
+    """The tensor-core and the SIMT forward of float16/bfloat16 each meet the bound, in every mode."""
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", forward)
+    rng = random.Random(7)
+    for i in range(6):
+        case = random_small_case(rng, 900 + i)
+        case.dtype = dtype
+        check_against_oracle(case, *make_inputs(case))
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+def test_thread_order_does_not_matter(order, monkeypatch):
+    """Fibers run in reversed or shuffled order between barriers: a missing barrier shows here."""
+    monkeypatch.setenv("LONGFORMER_EMULATION_ORDER", order)
+    monkeypatch.setenv("LONGFORMER_EMULATION_SEED", "3")
+    for case in small_cases(8, seed=SEED + 11):
+        check_against_oracle(case, *make_inputs(case))
+
+
+def _band_reference(q, k, left, right, dilation):
+    """float64 [B, H, N, left + right + 1] of q_i . k_j with j = i + (t - left) * d; NaN where off the sequence."""
+    b, h, n, d = q.shape
+    width = left + right + 1
+    dil = torch.tensor(dilation)[:, None, None]
+    j = torch.arange(n)[None, :, None] + (torch.arange(width)[None, None, :] - left) * dil  # [H, N, W]
+    valid = (j >= 0) & (j < n)
+    gathered = torch.gather(k.double(), 2, j.clamp(0, max(n - 1, 0)).reshape(1, h, n * width, 1).expand(
+        b, h, n * width, d)).view(b, h, n, width, d)
+    scores = (q.double()[:, :, :, None, :] * gathered).sum(-1)
+    return scores.masked_fill(~valid[None], float("nan")), valid, j
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,window,dilation", [((2, 3, 37, 32), (3, 2), [1, 2, 3]), ((1, 2, 64, 40), (0, 5), [2]),
+                                                   ((1, 1, 5, 64), (7, 7), [1])])
+def test_emulated_banded_matmuls(dtype, shape, window, dilation):
+    gen = torch.Generator().manual_seed(5)
+    b, h, n, d = shape
+    left, right = window
+    dil = dilation * h if len(dilation) == 1 else dilation
+    q, k, x = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    p = torch.randn(b, h, n, left + right + 1, generator=gen).to(dtype)
+    expected, valid, j = _band_reference(q, k, left, right, dil)
+    scores = emu.banded_matmul_qk(q, k, left, right, dilation, -1e4)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    assert torch.allclose(scores.double()[valid.expand_as(scores)], expected[valid.expand_as(expected)], atol=tol,
+                          rtol=tol)
+    assert (scores[~valid.expand_as(scores)] == -1e4).all()
+    # pv_i = sum_t p[i, t] x_j and its transpose, against dense matrices built from the band.
+    dense = torch.zeros(b, h, n, n, dtype=torch.float64)
+    jj = j.clamp(0, max(n - 1, 0)).expand(b, h, n, -1)
+    dense.scatter_add_(3, jj, p.double() * valid[None])
+    pv = emu.banded_matmul_pv(p, x, left, right, dilation)
+    pvt = emu.banded_matmul_pv_transposed(p, x, left, right, dilation)
+    scale = 1 + x.double().abs().max().item() * (left + right + 1)
+    assert (pv.double() - dense @ x.double()).abs().max().item() <= tol * scale
+    assert (pvt.double() - dense.transpose(-1, -2) @ x.double()).abs().max().item() <= tol * scale
+
+
+def test_emulated_backward_is_deterministic(monkeypatch):
+    monkeypatch.setenv("LONGFORMER_EMULATION_ORDER", "shuffle")
+    case = Case(batch=2, heads=2, seqlen=90, dim=32, window=(9, 4), dilation=[1, 2], globals="many", padding=True,
+                seed=12)
+    results = []
+    for seed in ("1", "2"):
+        monkeypatch.setenv("LONGFORMER_EMULATION_SEED", seed)
+        q, k, v, kwargs = make_inputs(case)
+        out = emulated_attention(q, k, v, case.window, **kwargs)
+        results.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_emulated_errors_are_clear():
+    q = torch.randn(1, 1, 8, 300)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        emu.banded_attn(q, q, q, 1, 1, [1], None, None, False, 1.0)
+    q = torch.randn(1, 1, 8, 16, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 and bfloat16"):
+        emu.banded_attn(q, q, q, 1, 1, [1], None, None, False, 1.0)
