@@ -22,7 +22,9 @@ Windows. Two names, two conventions, exactly one of them per call:
 * ``window``: longformer_ext's **one-sided** ``w`` (``w`` neighbours on each side, ``w >= 1``), stored in
   the config as ``attention_window = 2*w``.
 
-Either may be one int for every layer or a list with one value per layer.
+Either may be one int for every layer or a list with one value per layer. (Hugging Face's own, unpatched
+attention pads the input to a multiple of the largest window and then needs every layer's window to
+divide that length; longformer_ext's patched attention has no such constraint.)
 
 Positions. ``max_pos`` is the number of tokens the long model accepts. Longformer numbers positions like
 RoBERTa, from ``padding_idx + 1`` (``pad_token_id + 1``; 2 for RoBERTa), so its table has
@@ -37,6 +39,7 @@ BERT, BART with ``scale_embedding=True``, a BERT masked-LM head whose activation
 unsupported model class raises ``NotImplementedError``.
 """
 
+import copy
 import math
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -375,6 +378,10 @@ def to_led(model: nn.Module, max_pos: int = 16384, *, attention_window: Optional
     )
     dtype, device = _model_dtype_device(model)
     target = target_cls(config).to(device=device, dtype=dtype)
+    if getattr(model, "generation_config", None) is not None and getattr(target, "generation_config", None) is not None:
+        # A fine-tuned BART's decoding settings (beams, length penalty, ...) describe its decoder, which
+        # LED keeps unchanged.
+        target.generation_config = copy.deepcopy(model.generation_config)
 
     base = model.model if src_prefix else model
     encoder_rows = base.encoder.embed_positions.weight.detach()[_BART_OFFSET:]
