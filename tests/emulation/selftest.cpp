@@ -6,7 +6,7 @@
 
 #include <chrono>
 #include <cstdio>
-#include <iostream>
+#include <cstdlib>
 #include <mutex>
 #include <set>
 #include <string>
@@ -146,6 +146,29 @@ __global__ void partial_mask(int* out) { out[threadIdx.x] = __shfl_sync(0x0000ff
 
 __global__ void no_arguments() {}
 
+// Blocks 7 and 30 (of 40, spread over two OS threads) fail; the launch must always name block 7.
+__global__ void fails_in_two_blocks(int* out) {
+  if ((blockIdx.x == 7 || blockIdx.x == 30) && threadIdx.x == 5) return;
+  __syncthreads();
+  out[blockIdx.x] = 1;
+}
+
+// 1024 fibers, each with a 128-float array kept live across barriers (the "registers" of a kernel).
+__global__ void big_block(float* out) {
+  float regs[128];
+  for (int i = 0; i < 128; ++i) regs[i] = float(threadIdx.x + i);
+  __shared__ float partial[1024];
+  for (int round = 0; round < 3; ++round) {
+    float s = 0;
+    for (int i = 0; i < 128; ++i) s += regs[i];
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    for (int i = 0; i < 128; ++i) regs[i] += partial[(threadIdx.x + 1) % 1024] * 0.f + 1.f;
+    __syncthreads();
+  }
+  out[threadIdx.x] = regs[127];
+}
+
 int report(const std::string& name, bool pass, const std::string& detail = "") {
   std::printf("%s %s %s\n", pass ? "PASS" : "FAIL", name.c_str(), detail.c_str());
   return 0;
@@ -164,18 +187,24 @@ int expect_error(const std::string& name, F launch) {
   return 0;
 }
 
-// Reads "kind bits" lines (kind: f2h, h2f, f2b, b2f; bits in hex) and prints the converted bits.
-int conversions() {
-  std::string kind;
-  unsigned long bits;
-  while (std::cin >> kind >> std::hex >> bits) {
-    unsigned long r = 0;
-    if (kind == "f2h") r = __half_as_ushort(__float2half_rn(__uint_as_float(unsigned(bits))));
-    else if (kind == "h2f") r = __float_as_uint(__half2float(__ushort_as_half((unsigned short)bits)));
-    else if (kind == "f2b") r = __bfloat16_as_ushort(__float2bfloat16_rn(__uint_as_float(unsigned(bits))));
-    else if (kind == "b2f") r = __float_as_uint(__bfloat162float(__ushort_as_bfloat16((unsigned short)bits)));
-    std::printf("%lx\n", r);
+// Converts the uint32 values in file `in` (kind: f2h, h2f, f2b, b2f) and writes uint32 results to `out`.
+int conversions(const std::string& kind, const char* in, const char* out) {
+  std::FILE* f = std::fopen(in, "rb");
+  if (!f) return 2;
+  std::vector<uint32_t> v;
+  for (uint32_t x; std::fread(&x, sizeof x, 1, f) == 1;) v.push_back(x);
+  std::fclose(f);
+  for (uint32_t& x : v) {
+    if (kind == "f2h") x = __half_as_ushort(__float2half_rn(__uint_as_float(x)));
+    else if (kind == "h2f") x = __float_as_uint(__half2float(__ushort_as_half((unsigned short)x)));
+    else if (kind == "f2b") x = __bfloat16_as_ushort(__float2bfloat16_rn(__uint_as_float(x)));
+    else if (kind == "b2f") x = __float_as_uint(__bfloat162float(__ushort_as_bfloat16((unsigned short)x)));
+    else return 2;
   }
+  f = std::fopen(out, "wb");
+  if (!f || std::fwrite(v.data(), sizeof(uint32_t), v.size(), f) != v.size()) return 2;
+  std::fclose(f);
+  std::printf("CONVERTED %zu\n", v.size());
   return 0;
 }
 
@@ -185,9 +214,10 @@ int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "matmul") {
     double seconds = 0;
-    const double e1 = max_matmul_error(true, 48), e2 = max_matmul_error(true, 256, &seconds);
-    return report(what, e1 == 0 && e2 == 0, "err48=" + std::to_string(e1) + " err256=" + std::to_string(e2) +
-                                               " seconds256=" + std::to_string(seconds));
+    const int size = argc > 2 ? std::atoi(argv[2]) : 256;
+    const double e1 = max_matmul_error(true, 48), e2 = max_matmul_error(true, size, &seconds);
+    return report(what, e1 == 0 && e2 == 0, "err48=" + std::to_string(e1) + " err=" + std::to_string(e2) +
+                                               " size=" + std::to_string(size) + " seconds=" + std::to_string(seconds));
   }
   if (what == "matmul_missing_barrier") {
     std::printf("RESULT %s max_error=%g\n", what.c_str(), max_matmul_error(false, 64));
@@ -246,14 +276,23 @@ int main(int argc, char** argv) {
     return report(what, good && bad_block == 9 && bad_smem == 1 && none == 0,
                   "bad_block=" + std::to_string(bad_block) + " bad_smem=" + std::to_string(bad_smem));
   }
+  if (what == "big_block") {
+    std::vector<float> out(1024);
+    int rc = LONGFORMER_LAUNCH(big_block, 2, 1024, 0, nullptr, out.data());
+    bool good = rc == 0;
+    for (int t = 0; t < 1024; ++t) good &= out[size_t(t)] == float(t + 127 + 3);
+    return report(what, good);
+  }
   std::vector<int> out(256);
+  if (what == "first_failure")
+    return expect_error(what, [&] { (void)LONGFORMER_LAUNCH(fails_in_two_blocks, 40, 64, 0, nullptr, out.data()); });
   if (what == "divergent_barrier")
     return expect_error(what, [&] { (void)LONGFORMER_LAUNCH(divergent_barrier, 3, 128, 0, nullptr, out.data()); });
   if (what == "divergent_shuffle")
     return expect_error(what, [&] { (void)LONGFORMER_LAUNCH(divergent_shuffle, 1, 64, 0, nullptr, out.data()); });
   if (what == "partial_mask")
     return expect_error(what, [&] { (void)LONGFORMER_LAUNCH(partial_mask, 1, 32, 0, nullptr, out.data()); });
-  if (what == "conversions") return conversions();
+  if (what == "conversions" && argc == 5) return conversions(argv[2], argv[3], argv[4]);
   std::fprintf(stderr, "unknown case '%s'\n", what.c_str());
   return 2;
 }
