@@ -1,0 +1,277 @@
+// Fused backward of the local rows, recomputing the probabilities p_ij = exp(scale * q_i . k_j - lse_i)
+// from the saved log-sum-exp. With dP_ij = dO_i . v_j and delta_i = dO_i . O_i:
+//   dQ_i = scale * sum_j p_ij (dP_ij - delta_i) k_j      over the keys of local row i
+//   dK_j = scale * sum_i p_ij (dP_ij - delta_i) q_i      over the local rows i that see key j
+//   dV_j =         sum_i p_ij dO_i
+// Rows whose lse is -inf (no key) contribute nothing; global and padding rows get no dQ here.
+//
+// Deterministic: every output value is written by one owner that sums in a fixed order; no
+// floating-point atomics. Four kernels:
+//   1. delta_kernel: one warp per row, delta_i into the workspace (0 for non-local rows).
+//   2. local_rows_kernel: one warp per row n of (b, h), two independent parts:
+//        dQ_n  over its band keys then the global keys (n a local query);
+//        dK_n, dV_n over the local queries whose band contains n (n a local key):
+//        i = n - t * dilation, -left <= t <= right (so i >= n when causal).
+//      Global keys are never band keys, so this writes every local key's dK/dV completely.
+//   3. global_key_partial_kernel: dK/dV of the global keys, which every local query of the batch
+//      row may see. A (b, h) has at most N partial slots; each of the count[b] global keys gets
+//      `chunks` = min(N / count, ceil(N / kChunkRows)) of them (decided on the device, the host does
+//      not know count), one block per slot summing one contiguous chunk of queries: its warps take
+//      queries round-robin and are combined in shared memory in warp order.
+//   4. global_key_combine_kernel: one warp per global key sums its chunks in chunk order and writes
+//      dK/dV.
+// Workspace: delta [B*H*N] then partials [B*H][N][2*D], both in the accumulation dtype.
+#include "device.h"
+#include "launchers.h"
+#include "warp_math.h"
+
+namespace longformer::cuda {
+namespace {
+
+constexpr int kRowWarps = 4;     // rows per block in the warp-per-row kernels
+constexpr int kGroup = 2;        // keys (queries) processed together for instruction-level parallelism
+constexpr int kChunkWarps = 8;   // warps of a global-key partial block
+constexpr int64_t kChunkRows = 512;  // smallest query chunk worth its own block
+
+template <typename A>
+__device__ __forceinline__ A* delta_of(void* workspace) {
+  return static_cast<A*>(workspace);
+}
+template <typename A>
+__device__ __forceinline__ A* partials_of(const AttentionParams& p, void* workspace) {
+  const int64_t offset = ceil_div(p.batch * p.heads * p.seqlen * static_cast<int64_t>(sizeof(A)), 256) * 256;
+  return reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) + offset);
+}
+
+// Chunks per global key (see 3. above): the partials of all count keys fit in N slots.
+__device__ __forceinline__ int64_t chunks_per_global(int64_t count, int64_t n) {
+  if (count <= 0) return 1;
+  return max_i64(1, min_i64(n / count, ceil_div(n, kChunkRows)));
+}
+
+// ---- 1. delta_i = dO_i . O_i -------------------------------------------------------------------
+
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize) delta_kernel(const AttentionParams p, void* workspace) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, rows = p.batch * p.heads * N;
+  A* delta = delta_of<A>(workspace);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowWarps) {
+    const int64_t i = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
+    A value = A(0);
+    if (p.roles[b * N + i] == kLocal) {
+      RowFrag<A, E, kFull> dout, out;
+      dout.load(static_cast<const T*>(p.grad_out.data) + row_offset(p.grad_out, b, h, i), D, lane);
+      out.load(static_cast<const T*>(p.out.data) + row_offset(p.out, b, h, i), D, lane);
+      value = warp_sum(dout.partial_dot(out));
+    }
+    if (lane == 0) delta[row] = value;  // row == lse_index(p, b, h, i)
+  }
+}
+
+// ---- 2. dQ of local rows; dK, dV of local keys -------------------------------------------------
+
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
+    local_rows_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, left = p.window_left, right = right_window(p);
+  const int64_t rows = p.batch * p.heads * N;
+  const A scale = static_cast<A>(p.scale);
+  const A* delta_all = delta_of<A>(workspace);
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowWarps) {
+    const int64_t n = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
+    const uint8_t* roles = p.roles + b * N;
+    if (roles[n] != kLocal) continue;  // warp-uniform
+    const int64_t d = p.dilation[h];
+    const Head<T> hd(p, b, h);
+    const A* lse = static_cast<const A*>(p.lse) + lse_index(p, b, h, 0);
+    const A* delta = delta_all + lse_index(p, b, h, 0);
+
+    // dQ_n: n as a query (nothing flows through a row without keys).
+    if (lse[n] != neg_inf<A>()) {
+      RowFrag<A, E, kFull> q, dout, dq;
+      q.load(hd.q + n * hd.qs, D, lane);
+      dout.load(hd.dout + n * hd.ds, D, lane);
+      dq.zero();
+      const A lse_n = lse[n], delta_n = delta[n];
+      for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
+        int64_t key[kGroup];
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          const int64_t t = t0 + c, j = n + t * d;
+          key[c] = (t <= right && j >= 0 && j < N && roles[j] == kLocal) ? j : -1;
+        }
+        dq_keys(dq, q, dout, lse_n, delta_n, hd, key, scale, D, lane);
+      }
+      const int64_t count = globals.count[b];
+      const int64_t* index = globals.index + b * N;
+      for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
+        if (p.causal && index[g0] > n) break;
+        int64_t key[kGroup];
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          const int64_t g = g0 + c;
+          key[c] = (g < count && (!p.causal || index[g] <= n)) ? index[g] : -1;
+        }
+        dq_keys(dq, q, dout, lse_n, delta_n, hd, key, scale, D, lane);
+      }
+      dq.store(static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, n), D, lane, scale);
+    }
+
+    // dK_n, dV_n: n as a key, over the local queries i = n - t * d whose band holds it.
+    {
+      RowFrag<A, E, kFull> k, v, dk, dv;
+      k.load(hd.k + n * hd.ks, D, lane);
+      v.load(hd.v + n * hd.vs, D, lane);
+      dk.zero();
+      dv.zero();
+      for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
+        int64_t query[kGroup];
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          const int64_t t = t0 + c, i = n - t * d;
+          query[c] = (t <= right && i >= 0 && i < N && roles[i] == kLocal && lse[i] != neg_inf<A>()) ? i : -1;
+        }
+        dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
+      }
+      dk.store(static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, n), D, lane, scale);
+      dv.store(static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, n), D, lane, A(1));
+    }
+  }
+}
+
+// ---- 3./4. dK, dV of global keys ----------------------------------------------------------------
+
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kChunkWarps * kWarpSize)
+    global_key_partial_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace) {
+  using A = acc_t<T>;
+  __shared__ A reduce[kChunkWarps][2][E * kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, slots = p.batch * p.heads * N;
+  const A scale = static_cast<A>(p.scale);
+  const A* delta_all = delta_of<A>(workspace);
+  A* partials = partials_of<A>(p, workspace);
+
+  for (int64_t slot = blockIdx.x; slot < slots; slot += gridDim.x) {  // block-uniform loop
+    const int64_t bh = slot / N, h = bh % p.heads, b = bh / p.heads;
+    const int64_t count = globals.count[b];
+    const int64_t chunks = chunks_per_global(count, N);
+    const int64_t g = (slot % N) / chunks, chunk = (slot % N) % chunks;
+    if (g >= count) continue;  // block-uniform
+    const int64_t key = globals.index[b * N + g];
+    const int64_t chunk_len = ceil_div(N, chunks);
+    int64_t i_begin = chunk * chunk_len;
+    const int64_t i_end = min_i64(N, i_begin + chunk_len);
+    if (p.causal) i_begin = max_i64(i_begin, key);  // queries before the key do not see it
+
+    const Head<T> hd(p, b, h);
+    const uint8_t* roles = p.roles + b * N;
+    const A* lse = static_cast<const A*>(p.lse) + lse_index(p, b, h, 0);
+    const A* delta = delta_all + lse_index(p, b, h, 0);
+    RowFrag<A, E, kFull> k, v, dk, dv;
+    k.load(hd.k + key * hd.ks, D, lane);
+    v.load(hd.v + key * hd.vs, D, lane);
+    dk.zero();
+    dv.zero();
+    // Warp w takes queries i_begin + w*kGroup + r*kChunkWarps*kGroup + c: a fixed assignment.
+    for (int64_t i0 = i_begin + warp * kGroup; i0 < i_end; i0 += kChunkWarps * kGroup) {
+      int64_t query[kGroup];
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        const int64_t i = i0 + c;
+        query[c] = (i < i_end && roles[i] == kLocal && lse[i] != neg_inf<A>()) ? i : -1;
+      }
+      dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      reduce[warp][0][e * kWarpSize + lane] = dk.x[e];
+      reduce[warp][1][e * kWarpSize + lane] = dv.x[e];
+    }
+    __syncthreads();
+    A* out = partials + (bh * N + slot % N) * 2 * D;
+    for (int x = threadIdx.x; x < 2 * D; x += kChunkWarps * kWarpSize) {
+      const int which = x / D, dd = x % D;
+      A sum = A(0);
+      for (int w = 0; w < kChunkWarps; ++w) sum += reduce[w][which][dd];  // warp order: deterministic
+      out[x] = which == 0 ? sum * scale : sum;
+    }
+    __syncthreads();  // `reduce` is reused by the next slot of this block
+  }
+}
+
+template <typename T>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
+    global_key_combine_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, rows = p.batch * p.heads * N;
+  const A* partials = partials_of<A>(p, workspace);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kRowWarps) {
+    const int64_t g = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
+    const int64_t count = globals.count[b];
+    if (g >= count) continue;
+    const int64_t chunks = chunks_per_global(count, N);
+    const int64_t key = globals.index[b * N + g];
+    const A* first = partials + (bh * N + g * chunks) * 2 * D;
+    T* dk = static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, key);
+    T* dv = static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, key);
+    for (int x = lane; x < 2 * D; x += kWarpSize) {
+      A sum = A(0);
+      for (int64_t c = 0; c < chunks; ++c) sum += first[c * 2 * D + x];  // chunk order: deterministic
+      if (x < D) {
+        dk[x] = from_acc<T>(sum);
+      } else {
+        dv[x - D] = from_acc<T>(sum);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype) {
+  const int64_t acc_size = dtype == DType::kFloat64 ? 8 : 4;
+  const int64_t rows = p.batch * p.heads * p.seqlen;
+  return ceil_div(rows * acc_size, 256) * 256 + rows * 2 * p.head_dim * acc_size;
+}
+
+int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
+                              void* stream) {
+  const int64_t rows = p.batch * p.heads * p.seqlen;
+  if (rows == 0 || p.head_dim == 0) return 0;
+  return dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return dispatch_head_dim(p.head_dim, [&](auto dim) {
+      constexpr int E = decltype(dim)::E;
+      constexpr bool kFull = decltype(dim)::kFull;
+      const dim3 row_grid(grid_for(rows, kRowWarps)), row_block(kRowWarps * kWarpSize);
+      auto delta = &delta_kernel<T, E, kFull>;
+      auto local = &local_rows_kernel<T, E, kFull>;
+      auto partial = &global_key_partial_kernel<T, E, kFull>;
+      auto combine = &global_key_combine_kernel<T>;
+      int err = LONGFORMER_LAUNCH(delta, row_grid, row_block, 0, stream, p, workspace);
+      if (err != 0) return err;
+      err = LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
+      if (err != 0) return err;
+      err = LONGFORMER_LAUNCH(partial, dim3(grid_for(rows, 1)), dim3(kChunkWarps * kWarpSize), 0, stream, p, g,
+                              workspace);
+      if (err != 0) return err;
+      return LONGFORMER_LAUNCH(combine, row_grid, row_block, 0, stream, p, g, workspace);
+    });
+  });
+}
+
+}  // namespace longformer::cuda

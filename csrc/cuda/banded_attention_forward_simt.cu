@@ -1,0 +1,96 @@
+// Fused forward of the local rows on CUDA cores (every dtype; the float32/float64 path).
+//
+// Computes, for every local query i of (b, h): out_i = softmax(scale * q_i . K^T) V over its keys
+// (band keys j = i + t * dilation[h], -left <= t <= right, that are real and local, then every real
+// global key, only j <= i when causal) and lse_i = log of the softmax denominator. Global and
+// padding rows, and local rows without any key, are left as the launcher found them (out = 0,
+// lse = -inf).
+//
+// Work split: one warp per query row, kWarps rows per block, rows in (b, h, i) order so the warps
+// of a block share most of their band keys in L1/L2. The warp keeps q_i, the running output and
+// the softmax state in registers (lanes split D, see warp_math.h) and walks the keys in groups of
+// kGroup: the group's key rows are loaded and their dot products reduced together (independent
+// shuffles overlap), then one rescale of the state per group (online softmax).
+#include "device.h"
+#include "launchers.h"
+#include "warp_math.h"
+
+namespace longformer::cuda {
+namespace {
+
+constexpr int kWarps = 4;  // query rows per block
+constexpr int kGroup = 4;  // keys per online-softmax step
+
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
+    banded_forward_simt_kernel(const AttentionParams p, const GlobalKeys globals) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, left = p.window_left, right = right_window(p);
+  const int64_t rows = p.batch * p.heads * N;
+  const A scale = static_cast<A>(p.scale);
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t i = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
+    const uint8_t* roles = p.roles + b * N;
+    if (roles[i] != kLocal) continue;  // warp-uniform: the whole warp owns this row
+    const int64_t d = p.dilation[h];
+    const T* qh = static_cast<const T*>(p.q.data) + row_offset(p.q, b, h, 0);
+    const T* kh = static_cast<const T*>(p.k.data) + row_offset(p.k, b, h, 0);
+    const T* vh = static_cast<const T*>(p.v.data) + row_offset(p.v, b, h, 0);
+
+    RowFrag<A, E, kFull> q;
+    q.load(qh + i * p.q.stride_n, D, lane);
+    OnlineRow<A, E, kFull> state;
+    state.reset();
+
+    // Band keys, local and inside the sequence (causal: right = 0, so j <= i).
+    for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
+      int64_t key[kGroup];
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        const int64_t t = t0 + c, j = i + t * d;
+        key[c] = (t <= right && j >= 0 && j < N && roles[j] == kLocal) ? j : -1;
+      }
+      state.template absorb<kGroup>(q, kh, p.k.stride_n, vh, p.v.stride_n, key, scale, D, lane);
+    }
+
+    // Global keys (ascending positions; causal: only those at or before i).
+    const int64_t count = globals.count[b];
+    const int64_t* index = globals.index + b * N;
+    for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
+      if (p.causal && index[g0] > i) break;
+      int64_t key[kGroup];
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        const int64_t g = g0 + c;
+        key[c] = (g < count && (!p.causal || index[g] <= i)) ? index[g] : -1;
+      }
+      state.template absorb<kGroup>(q, kh, p.k.stride_n, vh, p.v.stride_n, key, scale, D, lane);
+    }
+
+    if (state.l > A(0)) {
+      T* out = static_cast<T*>(p.out.data) + row_offset(p.out, b, h, i);
+      state.o.store(out, D, lane, A(1) / state.l);
+      if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, i)] = state.m + acc_log(state.l);
+    }
+  }
+}
+
+}  // namespace
+
+int banded_attention_forward_simt(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream) {
+  const int64_t rows = p.batch * p.heads * p.seqlen;
+  if (rows == 0 || p.head_dim == 0) return 0;
+  return dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return dispatch_head_dim(p.head_dim, [&](auto dim) {
+      auto kernel = &banded_forward_simt_kernel<T, decltype(dim)::E, decltype(dim)::kFull>;
+      return LONGFORMER_LAUNCH(kernel, dim3(grid_for(rows, kWarps)), dim3(kWarps * kWarpSize), 0, stream, p, g);
+    });
+  });
+}
+
+}  // namespace longformer::cuda
