@@ -273,8 +273,15 @@ int main(int argc, char** argv) {
     const int bad_block = LONGFORMER_LAUNCH(coordinates, 1, dim3(2048), 0, nullptr, hits.data());
     const int bad_smem = LONGFORMER_LAUNCH(coordinates, 1, 32, 1 << 20, nullptr, hits.data());
     const int none = LONGFORMER_LAUNCH(no_arguments, 4, 64, 0, nullptr);
-    return report(what, good && bad_block == 9 && bad_smem == 1 && none == 0,
-                  "bad_block=" + std::to_string(bad_block) + " bad_smem=" + std::to_string(bad_smem));
+    // Above 48 KiB of dynamic shared memory a kernel needs allow_shared_bytes first, as on a GPU.
+    const int big = 64 * 1024;
+    const int without_opt_in = LONGFORMER_LAUNCH(no_arguments, 1, 32, big, nullptr);
+    const int opt_in = longformer::cuda::allow_shared_bytes(no_arguments, big);
+    const int with_opt_in = LONGFORMER_LAUNCH(no_arguments, 1, 32, big, nullptr);
+    return report(what, good && bad_block == 9 && bad_smem == 1 && none == 0 && without_opt_in == 1 && opt_in == 0 &&
+                            with_opt_in == 0,
+                  "bad_block=" + std::to_string(bad_block) + " bad_smem=" + std::to_string(bad_smem) +
+                      " without_opt_in=" + std::to_string(without_opt_in) + " with_opt_in=" + std::to_string(with_opt_in));
   }
   if (what == "big_block") {
     std::vector<float> out(1024);

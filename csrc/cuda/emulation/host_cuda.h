@@ -19,6 +19,12 @@
 //   a time. Dynamic shared memory is refilled with 0xFF bytes before every block so that reading it
 //   before writing shows up.
 // It cannot show data races between threads of a block, memory-model effects, or performance.
+//
+// Use: g++ -std=c++20 -DLONGFORMER_HOST_EMULATION -I csrc/cuda -I csrc/include -pthread kernel.cu ...
+// (add -x c++ for .cu files; -Wno-unknown-pragmas silences `#pragma unroll`, which g++ 12 can't
+// be told to ignore from a header). A kernel template with several arguments goes into
+// LONGFORMER_LAUNCH in parentheses, `(kernel<T, 64>)`, because of the commas. -fsanitize=address
+// works: the fiber switches carry ASan's annotations.
 #pragma once
 
 #include <algorithm>
@@ -26,10 +32,12 @@
 #include <bit>
 #include <cmath>
 #include <cstddef>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -82,7 +90,9 @@ enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorIn
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error (host emulation)";
-    case cudaErrorInvalidValue: return "invalid argument (host emulation)";
+    case cudaErrorInvalidValue:
+      return "invalid argument (host emulation; e.g. more than 48 KiB of dynamic shared memory without "
+             "allow_shared_bytes, or more than 227 KiB)";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (host emulation)";
   }
   return "unknown error (host emulation)";
@@ -189,7 +199,9 @@ inline uint64_t splitmix64(uint64_t& state) {
 }
 
 inline std::string coords(uint3 v) {
-  return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")";
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "(%u,%u,%u)", v.x, v.y, v.z);
+  return buf;
 }
 
 // Everything one OS thread needs to run blocks; kept across launches so stacks are mapped once.
@@ -417,13 +429,29 @@ inline std::vector<std::unique_ptr<Worker>>& workers() {
 
 // Runs every block of the grid; returns a cudaError_t value for bad configurations and throws for
 // errors found while running (divergent barriers, exceptions thrown in kernel code).
-inline int run_grid(dim3 grid, dim3 block, size_t shared_bytes, void (*body)(const void*), const void* args) {
+// Dynamic shared memory above 48 KiB needs an opt-in per kernel on the GPU; recording the opt-ins
+// makes a forgotten allow_shared_bytes fail here too instead of only on the GPU.
+inline int64_t& allowed_shared_bytes(const void* kernel) {
+  static std::map<const void*, int64_t> allowed;
+  return allowed[kernel];
+}
+inline std::mutex& allowed_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline int run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, void (*body)(const void*),
+                    const void* args) {
   if (t_worker) throw std::logic_error("host emulation: a kernel launched another kernel (not supported)");
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu)
     return cudaErrorInvalidConfiguration;
   if (shared_bytes > 227 * 1024) return cudaErrorInvalidValue;
+  if (shared_bytes > 48 * 1024) {
+    std::lock_guard<std::mutex> lock(allowed_mutex());
+    if (int64_t(shared_bytes) > allowed_shared_bytes(kernel)) return cudaErrorInvalidValue;
+  }
   const Settings s = read_settings();
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
   const int nworkers = int(std::min<uint64_t>(uint64_t(s.workers), blocks));
@@ -480,7 +508,7 @@ template <typename... P, typename... A>
 int launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "LONGFORMER_LAUNCH: wrong number of kernel arguments");
   KernelCall<P...> call{kernel, std::tuple<P...>(std::forward<A>(args)...)};
-  return run_grid(grid, block, shared_bytes, &KernelCall<P...>::run, &call);
+  return run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, &KernelCall<P...>::run, &call);
 }
 
 inline Worker& current_worker(const char* what) {
@@ -556,8 +584,14 @@ template <typename T>
 inline T* dynamic_shared_memory() {
   return reinterpret_cast<T*>(emulation::current_worker("dynamic_shared_memory").smem);
 }
+// Same contract as the CUDA version: 0 on success, cudaErrorInvalidValue above the 227 KiB limit.
 template <typename Kernel>
-inline int allow_shared_bytes(Kernel, int64_t) {
+inline int allow_shared_bytes(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return 0;
+  if (bytes > 227 * 1024) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(emulation::allowed_mutex());
+  int64_t& allowed = emulation::allowed_shared_bytes(reinterpret_cast<const void*>(kernel));
+  allowed = std::max(allowed, bytes);
   return 0;
 }
 }  // namespace longformer::cuda
