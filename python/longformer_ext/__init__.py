@@ -2,6 +2,7 @@
 
 from . import ops, reference
 from .attention import longformer_attention
+from . import nn
 
 __version__ = "0.1.0"
-__all__ = ["longformer_attention", "ops", "reference"]
+__all__ = ["longformer_attention", "nn", "ops", "reference"]
