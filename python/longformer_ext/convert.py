@@ -372,15 +372,13 @@ def to_led(model: nn.Module, max_pos: int = 16384, *, attention_window: Optional
         bos_token_id=src_config.bos_token_id,
         eos_token_id=src_config.eos_token_id,
         decoder_start_token_id=src_config.decoder_start_token_id,
-        forced_bos_token_id=getattr(src_config, "forced_bos_token_id", None),
-        forced_eos_token_id=getattr(src_config, "forced_eos_token_id", None),
         tie_word_embeddings=src_config.tie_word_embeddings,
     )
     dtype, device = _model_dtype_device(model)
     target = target_cls(config).to(device=device, dtype=dtype)
     if getattr(model, "generation_config", None) is not None and getattr(target, "generation_config", None) is not None:
-        # A fine-tuned BART's decoding settings (beams, length penalty, ...) describe its decoder, which
-        # LED keeps unchanged.
+        # A fine-tuned BART's decoding settings (forced bos/eos, beams, length penalty, ...) describe its
+        # decoder, which LED keeps unchanged; they live in the generation config, not in LEDConfig.
         target.generation_config = copy.deepcopy(model.generation_config)
 
     base = model.model if src_prefix else model
