@@ -24,6 +24,16 @@ VOCAB, PAD = 60, 1
 ATOL = RTOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one thread avoids OpenMP overhead (50x slower on a loaded 2-core
+    machine); the previous count is restored for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def longformer_config(**overrides):
     config = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                   attention_window=[4, 8], max_position_embeddings=64, pad_token_id=PAD, bos_token_id=0,
