@@ -245,6 +245,18 @@ def test_patched_model_trains_with_dropout():
     assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
 
 
+def test_longformer_gradient_checkpointing():
+    config = longformer_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference, patched = pair(LongformerModel, config)
+    ids, kwargs = inputs("mixed")
+    grads = []
+    for model in (reference, patched):
+        model.train()
+        model.gradient_checkpointing_enable()
+        grads.append(_loss_and_grads(model, model(ids, **kwargs).last_hidden_state))
+    assert_grads_close(*grads)
+
+
 # ------------------------------------------------------------------------------------------------
 # LED
 
