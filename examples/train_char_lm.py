@@ -17,8 +17,9 @@ What it does (Beltagy et al. 2020, section 4, scaled down):
     python examples/train_char_lm.py            # the full run: a few minutes on a 2-core CPU
     python examples/train_char_lm.py --quick    # seconds; a smoke test
 
-Each phase stops at its step count or when its share of ``--budget-s`` is used up, whichever comes
-first, so that the run keeps to its time on a slow or busy machine (it says when this happens).
+Training runs for ``--budget-s`` seconds split over the phases (``--shares``), so the run keeps to its
+time on any machine: a faster or idler one trains on more tokens (each phase prints how many).
+``--steps`` fixes the steps per phase instead (the time share still caps them).
 """
 
 import argparse
@@ -104,12 +105,15 @@ class PlainBar:
             print(flush=True)
 
 
-def progress(total: int, desc: str):
+def progress(total: int, desc: str, seconds: bool = False):
+    """A bar over ``total`` steps, or over ``total`` seconds (then without a rate, which would read
+    "seconds per second")."""
     try:
         from tqdm import tqdm
     except ImportError:
         return PlainBar(total, desc)
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s{postfix}" if seconds else None
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=1.0, bar_format=fmt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,49 +164,62 @@ def bigram_nats(train: torch.Tensor, heldout: torch.Tensor, vocab: int = 256):
 # --------------------------------------------------------------------------------------------
 
 
+def choose_threads() -> int:
+    """The CPUs this process may use (a container or taskset may allow fewer than os.cpu_count())
+    minus those other processes keep busy: the kernels split work over OpenMP threads that meet at
+    barriers, and a thread whose core is taken stalls all the others (on a busy 2-core machine one
+    thread ran a step 4x faster than two)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(available, round(available - busy)))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke run of a few seconds")
     p.add_argument("--text", nargs="+", help="train on these files instead of the Python standard library")
     p.add_argument("--train-bytes", type=int, default=3_000_000)
     p.add_argument("--heldout-bytes", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="sequence length of the first phase")
     p.add_argument("--bottom-window", type=int, default=8, help="one-sided window of layer 0 in phase 1")
     p.add_argument("--top-window", type=int, default=32, help="one-sided window of the last layer in phase 1")
     p.add_argument("--phases", type=int, default=3)
-    p.add_argument("--steps", type=int, nargs="+", default=[500, 250, 150],
-                   help="steps per phase (one value, or one per phase)")
+    p.add_argument("--shares", type=float, nargs="+", default=[0.5, 0.3, 0.2],
+                   help="share of --budget-s for each phase")
+    p.add_argument("--steps", type=int, nargs="+",
+                   help="steps per phase (one value, or one per phase) instead of running to the time share")
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of phase 1 (halved every phase)")
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--budget-s", type=float, default=480.0, help="training time budget (seconds)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="training time (seconds), split over the phases")
     p.add_argument("--eval-context", type=int, default=1024)
-    p.add_argument("--eval-stride", type=int, default=256)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every CPU this process may use)")
+    p.add_argument("--eval-stride", type=int, default=512)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: the CPUs this process may use, minus the load of other processes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.train_bytes, args.heldout_bytes = 200_000, 4_000
         args.dim, args.layers, args.heads, args.seq = 64, 2, 2, 64
         args.bottom_window, args.top_window, args.phases, args.steps = 4, 8, 2, [6, 4]
+        args.shares, args.budget_s = [1, 1], 120.0
         args.tokens_per_step, args.warmup, args.eval_context, args.eval_stride = 512, 2, 256, 64
-    if len(args.steps) == 1:
+    if args.steps and len(args.steps) == 1:
         args.steps = args.steps * args.phases
-    if len(args.steps) != args.phases:
+    if args.steps and len(args.steps) != args.phases:
         p.error(f"--steps needs 1 or {args.phases} values")
+    if len(args.shares) != args.phases or min(args.shares) <= 0:
+        p.error(f"--shares needs {args.phases} positive values")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    # the CPUs this process may run on (a container or taskset may allow fewer than os.cpu_count())
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = args.threads or available
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(args.threads or choose_threads())
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -226,25 +243,25 @@ def main(argv=None):
                                   lr=args.lr, betas=(0.9, 0.98), fused=True)
 
     base_windows = list(config.windows)
-    total_steps = sum(args.steps)
+    shares = [x / sum(args.shares) for x in args.shares]
     train_start = time.perf_counter()
     for phase in range(args.phases):
         seq = args.seq * 2 ** phase
         model.set_windows([w * 2 ** phase for w in base_windows])
         lr = args.lr / 2 ** phase
         batch = max(1, args.tokens_per_step // seq)
-        # this phase may run until its cumulative share of the budget (by planned steps) is used
-        deadline = train_start + args.budget_s * sum(args.steps[:phase + 1]) / total_steps
+        # a phase runs until its cumulative share of the budget is used (time an earlier phase left
+        # unused carries over), or for its step count when --steps is given
+        phase_start = time.perf_counter()
+        deadline = train_start + args.budget_s * sum(shares[:phase + 1])
+        max_steps = args.steps[phase] if args.steps else None
         print(f"phase {phase + 1}/{args.phases}: sequence {seq}, windows {model.windows} (receptive field "
-              f"{model.receptive_field()}), lr {lr:.2e}, batch {batch}")
+              f"{model.receptive_field()}), lr {lr:.2e}, batch {batch}, "
+              + (f"{max_steps} steps" if max_steps else f"until {deadline - train_start:.0f} s"))
         model.train()
-        bar = progress(args.steps[phase], f"phase {phase + 1}")
-        smoothed = None
-        for step in range(args.steps[phase]):
-            if time.perf_counter() > deadline:
-                bar.close()
-                print(f"phase {phase + 1}: time share used up after {step} of {args.steps[phase]} steps")
-                break
+        bar = progress(max_steps or max(1, round(deadline - phase_start)), f"phase {phase + 1}", not max_steps)
+        smoothed, step, shown = None, 0, 0
+        while (max_steps is None or step < max_steps) and time.perf_counter() < deadline:
             for group in optimizer.param_groups:  # linear warm-up at the very start only
                 group["lr"] = lr * min(1.0, (step + 1) / args.warmup) if phase == 0 else lr
             loss = model.loss(random_batch(train, batch, seq, gen))
@@ -252,11 +269,19 @@ def main(argv=None):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            bar.set_postfix_str(f"train bpc {smoothed / math.log(2):.3f}")
-            bar.update(1)
-        else:
-            bar.close()
+            step += 1
+            smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
+            bar.set_postfix_str(f"step {step}, train bpc {smoothed / math.log(2):.3f}")
+            if max_steps:
+                bar.update(1)
+            else:  # the bar counts seconds
+                now = min(bar.total, int(time.perf_counter() - phase_start))
+                bar.update(now - shown)
+                shown = now
+        bar.close()
+        note = "" if max_steps is None or step == max_steps else f" (time share used up before {max_steps} steps)"
+        print(f"phase {phase + 1}: {step} steps, {step * batch * seq:,} tokens in "
+              f"{time.perf_counter() - phase_start:.0f} s{note}")
     train_s = time.perf_counter() - train_start
 
     eval_start = time.perf_counter()

@@ -17,7 +17,7 @@ The window and dilation are not parameters: ``set_windows`` changes them between
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
