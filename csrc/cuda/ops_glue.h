@@ -75,8 +75,10 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   out.roles = token_roles(q, attention_mask, global_attention_mask);
   out.dilation = at::tensor(per_head, q.options().dtype(at::kLong));
   // Global positions first, ascending (a stable sort on "not global"), and their count per batch.
+  // `stable` is spelled as an optional: sort(true, 1) would bind to the sort(dim, descending) overload.
   at::Tensor not_global = out.roles.ne(kGlobal).to(at::kByte);
-  out.global_index = std::get<1>(not_global.sort(/*stable=*/true, /*dim=*/1)).contiguous();
+  const std::optional<bool> stable = true;
+  out.global_index = std::get<1>(not_global.sort(stable, /*dim=*/1, /*descending=*/false)).contiguous();
   out.global_count = out.roles.eq(kGlobal).sum(1).to(at::kLong).contiguous();
   out.globals = GlobalKeys{out.global_index.data_ptr<int64_t>(), out.global_count.data_ptr<int64_t>()};
 
