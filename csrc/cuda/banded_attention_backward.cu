@@ -104,7 +104,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
       const A lse_n = lse[n], delta_n = delta[n];
       for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
         int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
         for (int c = 0; c < kGroup; ++c) {
           const int64_t t = t0 + c, j = n + t * d;
           key[c] = (t <= right && j >= 0 && j < N && roles[j] == kLocal) ? j : -1;
@@ -116,7 +116,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
       for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
         if (p.causal && index[g0] > n) break;
         int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
         for (int c = 0; c < kGroup; ++c) {
           const int64_t g = g0 + c;
           key[c] = (g < count && (!p.causal || index[g] <= n)) ? index[g] : -1;
@@ -135,7 +135,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
       dv.zero();
       for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
         int64_t query[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
         for (int c = 0; c < kGroup; ++c) {
           const int64_t t = t0 + c, i = n - t * d;
           query[c] = (t <= right && i >= 0 && i < N && roles[i] == kLocal && lse[i] != neg_inf<A>()) ? i : -1;
@@ -186,14 +186,14 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kChunkWarps * kWarpSize)
     // Warp w takes queries i_begin + w*kGroup + r*kChunkWarps*kGroup + c: a fixed assignment.
     for (int64_t i0 = i_begin + warp * kGroup; i0 < i_end; i0 += kChunkWarps * kGroup) {
       int64_t query[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t i = i0 + c;
         query[c] = (i < i_end && roles[i] == kLocal && lse[i] != neg_inf<A>()) ? i : -1;
       }
       dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
     }
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) {
       reduce[warp][0][e * kWarpSize + lane] = dk.x[e];
       reduce[warp][1][e * kWarpSize + lane] = dv.x[e];

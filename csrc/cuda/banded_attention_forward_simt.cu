@@ -49,7 +49,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     // Band keys, local and inside the sequence (causal: right = 0, so j <= i).
     for (int64_t t0 = -left; t0 <= right; t0 += kGroup) {
       int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t t = t0 + c, j = i + t * d;
         key[c] = (t <= right && j >= 0 && j < N && roles[j] == kLocal) ? j : -1;
@@ -63,7 +63,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
       if (p.causal && index[g0] > i) break;
       int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t g = g0 + c;
         key[c] = (g < count && (!p.causal || index[g] <= i)) ? index[g] : -1;

@@ -39,17 +39,17 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize) banded_qk_kernel(co
       int64_t key[kGroup];
       RowFrag<A, E, kFull> k[kGroup];
       A s[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t j = i + (t0 + c - p.window_left) * d;
         key[c] = (t0 + c < W && j >= 0 && j < N) ? j : -1;
         k[c].load_row(bh_rows, key[c], p.b.stride_n, D, lane);
       }
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) s[c] = a.partial_dot(k[c]);
       warp_sum_n(s);
       // Lane c writes slot t0 + c: the group's slots are consecutive in memory.
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         if (lane == c && t0 + c < W) band[t0 + c] = key[c] >= 0 ? from_acc<T>(s[c]) : fill;
       }
@@ -77,7 +77,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize) banded_pv_kernel(co
       int64_t src[kGroup];
       A w[kGroup];
       RowFrag<A, E, kFull> xr[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t t = t0 + c, off = (t - p.window_left) * d;
         // pv: row n, slot t reads x_{n + off}; transposed: row i = n - off, slot t reaches n.
@@ -86,7 +86,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize) banded_pv_kernel(co
         w[c] = src[c] >= 0 ? load_acc<A>(band_rows + (kTransposed ? src[c] : n) * W + t) : A(0);
         xr[c].load_row(x_rows, src[c], x.stride_n, D, lane);
       }
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) sum.axpy(w[c], xr[c]);  // slot order: deterministic
     }
     sum.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, n), D, lane, A(1));

@@ -51,14 +51,14 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     state.reset();
     for (int64_t j0 = warp * kGroup; j0 < key_end; j0 += kWarps * kGroup) {
       int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t j = j0 + c;
         key[c] = (j < key_end && roles[j] != kPadding) ? j : -1;
       }
       state.template absorb<kGroup>(q, kh, p.k.stride_n, vh, p.v.stride_n, key, scale, D, lane);
     }
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) part_o[warp][e * kWarpSize + lane] = state.o.x[e];
     if (lane == 0) {
       part_m[warp] = state.m;
@@ -75,7 +75,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
         for (int w = 0; w < kWarps; ++w) {
           const A f = acc_exp(part_m[w] - m);  // 0 for a warp without keys
           l += part_l[w] * f;
-#pragma unroll
+LONGFORMER_UNROLL
           for (int e = 0; e < E; ++e) o.x[e] += part_o[w][e * kWarpSize + lane] * f;
         }
         o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
@@ -135,14 +135,14 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     dq.zero();
     for (int64_t j0 = warp * kGroup; j0 < key_end; j0 += kWarps * kGroup) {
       int64_t key[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t j = j0 + c;
         key[c] = (j < key_end && roles[j] != kPadding) ? j : -1;
       }
       dq_keys(dq, q, dout, lse, delta, hd, key, scale, D, lane);
     }
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) part[warp][e * kWarpSize + lane] = dq.x[e];
     __syncthreads();
     T* out = static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi);
@@ -181,7 +181,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     dv.zero();
     for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
       int64_t query[kGroup];
-#pragma unroll
+LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t g = g0 + c;
         const int64_t qi = g < count ? index[g] : -1;

@@ -24,6 +24,13 @@ namespace longformer::cuda {
 #define LONGFORMER_LAUNCH_BOUNDS(threads) __launch_bounds__(threads, 1)
 #endif
 
+// `#pragma unroll` for nvcc; g++ (host emulation) spells it differently and warns on the CUDA form.
+#ifdef LONGFORMER_HOST_EMULATION
+#define LONGFORMER_UNROLL _Pragma("GCC unroll 16")
+#else
+#define LONGFORMER_UNROLL _Pragma("unroll")
+#endif
+
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -61,7 +68,7 @@ __device__ __forceinline__ int64_t band_index(const BandedMatmulParams& p, int64
 // Sum over the 32 lanes; every lane gets the result. All lanes of the warp must call it.
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
-#pragma unroll
+LONGFORMER_UNROLL
   for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
   return x;
 }
@@ -69,9 +76,9 @@ __device__ __forceinline__ A warp_sum(A x) {
 // G sums over the 32 lanes at once: the G butterflies are interleaved so their shuffles overlap.
 template <typename A, int G>
 __device__ __forceinline__ void warp_sum_n(A (&x)[G]) {
-#pragma unroll
+LONGFORMER_UNROLL
   for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) x[c] += __shfl_xor_sync(kFullMask, x[c], offset);
   }
 }
@@ -87,12 +94,12 @@ struct RowFrag {
   A x[E];
 
   __device__ __forceinline__ void zero() {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) x[e] = A(0);
   }
   template <typename T>
   __device__ __forceinline__ void load(const T* row, int D, int lane) {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) {
       const int d = e * kWarpSize + lane;
       x[e] = (kFull || d < D) ? load_acc<A>(row + d) : A(0);
@@ -109,7 +116,7 @@ struct RowFrag {
   }
   template <typename T>
   __device__ __forceinline__ void store(T* row, int D, int lane, A factor) const {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) {
       const int d = e * kWarpSize + lane;
       if (kFull || d < D) row[d] = from_acc<T>(x[e] * factor);
@@ -118,17 +125,17 @@ struct RowFrag {
   // This lane's part of the dot product with `o` (finish with warp_sum).
   __device__ __forceinline__ A partial_dot(const RowFrag& o) const {
     A s = A(0);
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) s += x[e] * o.x[e];
     return s;
   }
   __device__ __forceinline__ void scale(A f) {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) x[e] *= f;
   }
   // this += a * o
   __device__ __forceinline__ void axpy(A a, const RowFrag& o) {
-#pragma unroll
+LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) x[e] += a * o.x[e];
   }
 };
@@ -153,13 +160,13 @@ struct OnlineRow {
                                          int64_t vs, const int64_t (&key)[G], A scale, int D, int lane) {
     RowFrag<A, E, kFull> k[G];
     A s[G];
-#pragma unroll
+LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) k[c].load_row(kh, key[c], ks, D, lane);
-#pragma unroll
+LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) s[c] = q.partial_dot(k[c]);
     warp_sum_n(s);
     A mx = m;
-#pragma unroll
+LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) {
       s[c] = key[c] >= 0 ? s[c] * scale : neg_inf<A>();
       mx = max_of(mx, s[c]);
@@ -169,7 +176,7 @@ struct OnlineRow {
     l *= correction;
     o.scale(correction);
     m = mx;
-#pragma unroll
+LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) {
       if (key[c] >= 0) {
         const A pc = acc_exp(s[c] - mx);
@@ -205,18 +212,18 @@ __device__ __forceinline__ void dq_keys(RowFrag<A, E, kFull>& dq, const RowFrag<
                                         const int64_t (&key)[G], A scale, int D, int lane) {
   RowFrag<A, E, kFull> k[G], v[G];
   A s[2 * G];
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     k[c].load_row(hd.k, key[c], hd.ks, D, lane);
     v[c].load_row(hd.v, key[c], hd.vs, D, lane);
   }
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     s[c] = q.partial_dot(k[c]);
     s[G + c] = dout.partial_dot(v[c]);
   }
   warp_sum_n(s);
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     if (key[c] >= 0) {
       const A pc = acc_exp(s[c] * scale - lse);
@@ -234,18 +241,18 @@ __device__ __forceinline__ void dkdv_queries(RowFrag<A, E, kFull>& dk, RowFrag<A
                                              const int64_t (&query)[G], A scale, int D, int lane) {
   RowFrag<A, E, kFull> q[G], dout[G];
   A s[2 * G];
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     q[c].load_row(hd.q, query[c], hd.qs, D, lane);
     dout[c].load_row(hd.dout, query[c], hd.ds, D, lane);
   }
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     s[c] = q[c].partial_dot(k);
     s[G + c] = dout[c].partial_dot(v);
   }
   warp_sum_n(s);
-#pragma unroll
+LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     if (query[c] >= 0) {
       const A pc = acc_exp(s[c] * scale - lse[query[c]]);
