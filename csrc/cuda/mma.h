@@ -89,6 +89,44 @@ __device__ __forceinline__ uint32_t load_u32(const uint16_t* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: four 8x8 matrices of 16-bit elements from shared
+// memory. Lane l gives the address of row (l % 8) of matrix (l / 8) (16 contiguous bytes, 16-byte
+// aligned). Register m of lane i (g = i / 4, t = i % 4) receives from matrix m:
+//   plain:  elements [g][2t], [g][2t+1]      (a B fragment when matrix rows are the n index)
+//   .trans: elements [2t][g], [2t+1][g]      (a B fragment when matrix rows are the k index)
+// One instruction replaces four 32-bit (plain) or eight 16-bit (.trans) shared loads per lane.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const uint16_t* row_address) {
+#ifndef LONGFORMER_HOST_EMULATION
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row_address));
+  // volatile: it reads shared memory, so it must stay between the barriers around it.
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+  }
+#else
+  constexpr unsigned kFull = 0xffffffffu;
+  const int lane = static_cast<int>((threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)) & 31u);
+  const int g = lane >> 2, t = lane & 3;
+  for (int m = 0; m < 4; ++m) {  // every lane takes part in every shuffle
+    if constexpr (kTrans) {
+      const uint16_t* row0 = __shfl_sync(kFull, row_address, 8 * m + 2 * t);
+      const uint16_t* row1 = __shfl_sync(kFull, row_address, 8 * m + 2 * t + 1);
+      r[m] = pack_bits(row0[g], row1[g]);
+    } else {
+      const uint16_t* row = __shfl_sync(kFull, row_address, 8 * m + g);
+      r[m] = pack_bits(row[2 * t], row[2 * t + 1]);
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
 // d = a * b + c for one warp; a: 16x16, b: 16x8 (f16 or bf16), c, d: 16x8 fp32. Every lane of the
 // warp must call it (it is a warp-collective operation, like mma.sync itself).
 
