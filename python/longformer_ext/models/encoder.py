@@ -185,7 +185,8 @@ class QuestionAnsweringOutput:
 
 class LongformerForSequenceClassification(nn.Module):
     """Global attention on the first token; RoBERTa's head (dense, tanh, projection) on its output.
-    ``forward(...) -> logits [B, num_labels]``, or ``(loss, logits)`` when ``labels`` are given."""
+    ``forward(...) -> logits [B, num_labels]``, or ``(loss, logits)`` when ``labels`` are given.
+    The first position must hold CLS (pad on the right)."""
 
     def __init__(self, config: LongformerEncoderConfig):
         super().__init__()
