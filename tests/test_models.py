@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import longformer_ext
 from longformer_ext.models import (CharLM, CharLMConfig, LongformerEncoder, LongformerEncoderConfig,
                                    LongformerForQuestionAnswering, LongformerForSequenceClassification,
                                    LongformerForTokenClassification, growing_windows, question_global_mask,
@@ -316,7 +317,9 @@ def test_encoder_gradients_flow():
 
 def test_train_char_lm_quick_runs():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
+    # the subprocess imports the same longformer_ext as this test (an installed one or the sources)
+    package_root = str(Path(longformer_ext.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_char_lm.py"), "--quick"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
