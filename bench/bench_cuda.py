@@ -72,6 +72,9 @@ def implementations(q, k, v, left, right, glob, backward):
 
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # Each configuration compiles its own flex kernel; without a reset dynamo stops recompiling
+        # after its recompile limit and silently runs flex unfused (an [N, N] score matrix).
+        torch._dynamo.reset()
         g = glob
 
         def mask_mod(b, h, qi, ki):
@@ -149,8 +152,9 @@ def main():
                                          dim=args.dim, window=args.window))
                         print(f"{dtype_name:9} {n:6} {n_glob:3} {passes:8} {name:28} {ms:9.3f} {tflops:8.2f} "
                               f"{mb:8.0f}")
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+                        # Rewritten after every row, so a run cut short keeps what it measured.
+                        with open(args.out, "w") as f:
+                            json.dump(rows, f, indent=1)
     print(f"wrote {args.out} ({len(rows)} rows)")
 
 
