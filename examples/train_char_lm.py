@@ -14,7 +14,7 @@ What it does (Beltagy et al. 2020, section 4, scaled down):
    bits per character (BPC) are printed next to a bigram count model's (add-one smoothing, counted on
    the training text) on exactly the same predictions.
 
-    python examples/train_char_lm.py            # the full run: a few minutes on a 2-core CPU
+    python examples/train_char_lm.py            # the full run: about 8 minutes (7.5 of them training)
     python examples/train_char_lm.py --quick    # seconds; a smoke test
 
 Training runs for ``--budget-s`` seconds split over the phases (``--shares``), so the run keeps to its
