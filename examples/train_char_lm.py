@@ -164,14 +164,38 @@ def bigram_nats(train: torch.Tensor, heldout: torch.Tensor, vocab: int = 256):
 # --------------------------------------------------------------------------------------------
 
 
-def choose_threads() -> int:
+def choose_threads(own_load: float = 0.0) -> int:
     """The CPUs this process may use (a container or taskset may allow fewer than os.cpu_count())
     minus those other processes keep busy: the kernels split work over OpenMP threads that meet at
     barriers, and a thread whose core is taken stalls all the others (on a busy 2-core machine one
-    thread ran a step 4x faster than two)."""
+    thread ran a step 4x faster than two). ``own_load``: this process's share of the load average."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = max(0.0, os.getloadavg()[0] - own_load) if hasattr(os, "getloadavg") else 0.0
     return max(1, min(available, round(available - busy)))
+
+
+class ThreadGovernor:
+    """Re-chooses the thread count every ``period`` seconds, as other processes come and go. The
+    1-minute load average includes this process's own threads; their share is tracked with the same
+    exponential decay the kernel uses (time constant 60 s) and subtracted."""
+
+    def __init__(self, fixed: int, period: float = 20.0):
+        self.fixed, self.period = fixed, period
+        self.last_check = time.perf_counter()
+        self.own_load = 0.0
+        torch.set_num_threads(fixed or choose_threads())
+
+    def check(self):
+        now = time.perf_counter()
+        if self.fixed or now - self.last_check < self.period:
+            return
+        decay = math.exp(-(now - self.last_check) / 60)
+        self.last_check = now
+        current = torch.get_num_threads()
+        self.own_load = self.own_load * decay + current * (1 - decay)
+        wanted = choose_threads(self.own_load)
+        if wanted != current:
+            torch.set_num_threads(wanted)
 
 
 def parse_args(argv=None):
@@ -198,7 +222,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-context", type=int, default=1024)
     p.add_argument("--eval-stride", type=int, default=512)
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: the CPUs this process may use, minus the load of other processes)")
+                   help="torch threads (0: the CPUs this process may use minus the load of other processes, "
+                        "re-chosen every 20 s)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
@@ -219,7 +244,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    torch.set_num_threads(args.threads or choose_threads())
+    governor = ThreadGovernor(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -264,6 +289,7 @@ def main(argv=None):
         while (max_steps is None or step < max_steps) and time.perf_counter() < deadline:
             for group in optimizer.param_groups:  # linear warm-up at the very start only
                 group["lr"] = lr * min(1.0, (step + 1) / args.warmup) if phase == 0 else lr
+            governor.check()
             loss = model.loss(random_batch(train, batch, seq, gen))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,7 +307,7 @@ def main(argv=None):
         bar.close()
         note = "" if max_steps is None or step == max_steps else f" (time share used up before {max_steps} steps)"
         print(f"phase {phase + 1}: {step} steps, {step * batch * seq:,} tokens in "
-              f"{time.perf_counter() - phase_start:.0f} s{note}")
+              f"{time.perf_counter() - phase_start:.0f} s{note}; torch threads now {torch.get_num_threads()}")
     train_s = time.perf_counter() - train_start
 
     eval_start = time.perf_counter()
