@@ -94,11 +94,6 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return out;
 }
 
-at::Tensor lse_like(const at::Tensor& q) {
-  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
-                  q.options().dtype(accumulation_dtype(q.scalar_type())));
-}
-
 std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
                                                const std::optional<at::Tensor>& attention_mask,
@@ -210,15 +205,6 @@ BandedMatmulParams banded_params(const at::Tensor& heads, int64_t window_left, i
   p.window_left = window_left;
   p.window_right = window_right;
   return p;
-}
-
-void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
-  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
-                  band.size(2) == heads.size(2) && band.size(3) == width,
-              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
-              heads.size(2), ", ", width, "], got ", band.sizes());
-  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
-              "longformer: band must have the dtype and device of the other operand");
 }
 
 at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t window_left, int64_t window_right,

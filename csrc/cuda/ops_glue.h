@@ -100,11 +100,6 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return out;
 }
 
-at::Tensor lse_like(const at::Tensor& q) {
-  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
-                  q.options().dtype(accumulation_dtype(q.scalar_type())));
-}
-
 at::Tensor zeros_heads(const at::Tensor& like) { return empty_heads(like.sizes(), like.options()).zero_(); }
 
 at::Tensor checked_lse(const at::Tensor& lse, const at::Tensor& q, const char* producer) {
@@ -113,6 +108,16 @@ at::Tensor checked_lse(const at::Tensor& lse, const at::Tensor& q, const char* p
                   lse_c.scalar_type() == accumulation_dtype(q.scalar_type()) && lse_c.device() == q.device(),
               "longformer: lse must be [B, H, N] in the accumulation dtype on q's device, as returned by ", producer);
   return lse_c;
+}
+
+void set_backward_operands(AttentionParams& p, const at::Tensor& out, const at::Tensor& grad_out, const at::Tensor& lse,
+                           const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  p.out = heads_view(out);
+  p.grad_out = heads_view(grad_out);
+  p.lse = lse.data_ptr();
+  p.grad_q = heads_view(dq);
+  p.grad_k = heads_view(dk);
+  p.grad_v = heads_view(dv);
 }
 
 at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
@@ -154,12 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
   if (prep.empty) return {dq, dk, dv};
   at::Tensor lse_c = checked_lse(lse, q, "banded_attn");
   AttentionParams& p = prep.params;
-  p.out = heads_view(out);
-  p.grad_out = heads_view(grad_out);
-  p.grad_q = heads_view(dq);
-  p.grad_k = heads_view(dk);
-  p.grad_v = heads_view(dv);
-  p.lse = lse_c.data_ptr();
+  set_backward_operands(p, out, grad_out, lse_c, dq, dk, dv);
   at::Tensor scratch = workspace(banded_attention_backward_workspace_bytes(p, prep.dtype), q);
   glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(q)),
              "banded_attn_backward");
@@ -199,12 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
   grad_in.masked_fill_(prep.roles.eq(kGlobal).view({gq.size(0), 1, gq.size(2), 1}), 0);
   at::Tensor lse_c = checked_lse(lse, gq, "global_attn");
   AttentionParams& p = prep.params;
-  p.out = heads_view(out);
-  p.grad_out = heads_view(grad_out);
-  p.grad_q = heads_view(dq);
-  p.grad_k = heads_view(dk);
-  p.grad_v = heads_view(dv);
-  p.lse = lse_c.data_ptr();
+  set_backward_operands(p, out, grad_out, lse_c, dq, dk, dv);
   at::Tensor scratch = workspace(global_attention_backward_workspace_bytes(p, prep.dtype), gq);
   glue_check(global_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(gq)),
              "global_attn_backward");
@@ -235,15 +230,6 @@ PreparedBand banded_params(const at::Tensor& heads, int64_t window_left, int64_t
   p.window_left = window_left;
   p.window_right = window_right;
   return out;
-}
-
-void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
-  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
-                  band.size(2) == heads.size(2) && band.size(3) == width,
-              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
-              heads.size(2), ", ", width, "], got ", band.sizes());
-  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
-              "longformer: band must have the dtype and device of the other operand");
 }
 
 at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t window_left, int64_t window_right,

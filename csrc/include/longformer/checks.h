@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -66,6 +67,22 @@ inline at::Tensor empty_heads(at::IntArrayRef bhnd, const at::TensorOptions& opt
 
 inline at::ScalarType accumulation_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The band operand of the unfused matmuls: [B, H, N, width] with the dtype and device of `heads`.
+inline void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
+  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
+                  band.size(2) == heads.size(2) && band.size(3) == width,
+              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
+              heads.size(2), ", ", width, "], got ", band.sizes());
+  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
+              "longformer: band must have the dtype and device of the other operand");
+}
+
+// A [B, H, N] log-sum-exp in the accumulation dtype, -inf everywhere (rows without keys keep it).
+inline at::Tensor lse_like(const at::Tensor& q) {
+  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
+                  q.options().dtype(accumulation_dtype(q.scalar_type())));
 }
 
 inline RowMajorHeads heads_view(const at::Tensor& t) {
