@@ -107,7 +107,12 @@ def check_against_oracle(case, q, k, v, kwargs):
     if case.dtype not in HALF_TYPES:
         for name, a, e in zip(names, ours, oracle):
             assert torch.isfinite(a).all(), f"{name} has non-finite values"
-            assert_close_to_oracle(a, e, case.dtype, name)
+            if case.dtype == torch.float32:  # the CUDA issue's bar: float32 within 1e-5
+                err = (a.double() - e).abs().max().item() if e.numel() else 0.0
+                bound = 1e-5 * (1 + (e.abs().max().item() if e.numel() else 0.0))
+                assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (float32)"
+            else:
+                assert_close_to_oracle(a, e, case.dtype, name)
         return
     # Half types: within 2x the error of PyTorch's own computation in that dtype (plus one unit of
     # the dtype's rounding, for when PyTorch happens to be nearly exact).
