@@ -215,3 +215,25 @@ def test_emulated_errors_are_clear():
     q = torch.randn(1, 1, 8, 16, dtype=torch.complex64)
     with pytest.raises(RuntimeError, match="float32, float64, float16 and bfloat16"):
         emu.banded_attn(q, q, q, 1, 1, [1], None, None, False, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_rows_split_into_chunks(dtype, causal):
+    """Long rows: the keys of a global row are split over several blocks (N = 1100 gives 5 chunks of
+    ~220 keys) and combined in chunk order. Batch rows with 3, 20 and 45 global tokens get 5, 4 and 1
+    chunks per row (the partial slots per (b, h) are bounded), with padding and global projections."""
+    b, n, d = 3, 1100, 32
+    case = Case(batch=b, heads=1, seqlen=n, dim=d, window=(4, 0) if causal else 4, causal=causal, dtype=dtype,
+                seed=31 + causal)
+    gen = torch.Generator().manual_seed(case.seed)
+    q, k, v, gq, gk, gv = (torch.randn(b, 1, n, d, generator=gen).to(dtype).requires_grad_() for _ in range(6))
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    for row, count in enumerate([3, 20, 45]):
+        glob[row, torch.randperm(n, generator=gen)[:count]] = True
+    glob[0, 0] = glob[0, n - 1] = True  # a global row with one key (causal) and one over every key
+    attention_mask = torch.ones(b, n, dtype=torch.int64)
+    attention_mask[1, 800:] = 0  # padding, some of it under global tokens
+    kwargs = dict(dilation=1, attention_mask=attention_mask, global_attention_mask=glob, causal=causal,
+                  global_q=gq, global_k=gk, global_v=gv)
+    check_against_oracle(case, q, k, v, kwargs)

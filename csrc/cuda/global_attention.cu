@@ -5,13 +5,27 @@
 //   dQ_g = scale * sum_j p_gj (dP_gj - delta_g) k_j
 //   dK_j = scale * sum_g p_gj (dP_gj - delta_g) q_g,  dV_j = sum_g p_gj dO_g   (over the global rows g)
 //
-// Work split. There are few global rows, each over all N keys, so a row is spread over a whole
-// block: one block per (b, h, global slot) (grid over B*H*N slots, slots past count[b] exit), its
-// kWarps warps take key groups round-robin with their own online-softmax state (forward) or dQ
-// partial sum (backward) in registers, and the warps are combined in shared memory in warp order
-// (deterministic, no workspace). dK/dV: one warp per key row, looping over the count[b] global rows
-// in ascending order. Workspace of the backward: delta [B*H*N] (accumulation dtype; only the
-// global rows are written and read).
+// Work split. There are few global rows, each over all N keys, so the keys of a row are split into
+// chunks processed by separate blocks (split-K, flash-decoding style). A work item is (b, h, global
+// slot g, chunk c); the grid is a capped grid-stride loop over the items ordered g-major, so the
+// items of the first global slots of every (b, h) come first and a block stops at the largest
+// count[b]. Inside a block the kWarps warps take key groups of the chunk round-robin, with their
+// own online-softmax state (forward) or dQ partial sum (backward) in registers, combined in shared
+// memory in warp order.
+//
+// Chunks per global row of batch b: C_b = min(max_chunks, rows / count[b]) (SplitShape, from N on
+// the host: max_chunks = ceil(N / kChunkKeys) capped at kMaxChunks, rows = min(N, max_chunks *
+// kSplitRows)), so the count[b] * C_b partials of a (b, h) fit in `rows` workspace slots whatever
+// the number of global tokens. The keys [0, key_end) of a row are cut into C_b equal ranges. With
+// C_b >= 2 each chunk block writes a partial (forward: running max m, sum l, unnormalised o[D];
+// backward: unscaled dq[D]) to the workspace in the accumulation dtype, and a combine kernel (one
+// warp per global row) merges the C_b partials in chunk order and writes the row: deterministic, no
+// atomics. With C_b == 1 (many global tokens, which fill the GPU anyway) the single chunk block
+// writes the row itself.
+//
+// dK/dV: one warp per key row, looping over the count[b] global rows in ascending order.
+// Workspaces (accumulation dtype A): forward [B*H, rows, D + 2] partials; backward delta [B*H*N]
+// (only the global rows are written and read) followed by [B*H, rows, D] partials.
 #include "device.h"
 #include "launchers.h"
 #include "warp_math.h"
@@ -19,42 +33,89 @@
 namespace longformer::cuda {
 namespace {
 
-constexpr int kWarps = 8;     // warps sharing one global row
-constexpr int kGroup = 2;     // keys per step of a warp
-constexpr int kRowWarps = 4;  // rows per block in the warp-per-row kernels
+constexpr int kWarps = 8;          // warps sharing one chunk of a global row
+constexpr int kGroup = 2;          // keys per step of a warp
+constexpr int kRowWarps = 4;       // rows per block in the warp-per-row kernels
+constexpr int64_t kChunkKeys = 256;  // target keys per chunk (32 per warp)
+constexpr int64_t kMaxChunks = 64;   // chunks per row at most (longer rows get longer chunks)
+constexpr int64_t kSplitRows = 16;   // global rows per (b, h) that get every chunk
+constexpr int64_t kGridCap = 4096;   // blocks of the chunk kernels (grid-stride loop beyond)
+
+// How the keys of the global rows are split (from N only, so results do not depend on the GPU).
+struct SplitShape {
+  int64_t max_chunks;  // chunk index range of the work items
+  int64_t rows;        // partial slots per (b, h) in the workspace
+};
+
+SplitShape split_shape(const AttentionParams& p) {
+  const int64_t chunks = min_i64(max_i64(ceil_div(p.seqlen, kChunkKeys), 1), kMaxChunks);
+  return SplitShape{chunks, max_i64(min_i64(p.seqlen, chunks * kSplitRows), 1)};
+}
+
+// Chunks of each global row of a batch row with `count` (>= 1) global tokens.
+__device__ __forceinline__ int64_t chunks_of(const SplitShape& s, int64_t count) {
+  return max_i64(min_i64(s.max_chunks, s.rows / count), 1);
+}
+
+// Largest count[b]: the work items of later global slots are all idle.
+__device__ __forceinline__ int64_t max_count(const AttentionParams& p, const GlobalKeys& globals) {
+  int64_t m = 0;
+  for (int64_t b = 0; b < p.batch; ++b) m = max_i64(m, globals.count[b]);
+  return m;
+}
+
+// Work item -> (b, h, slot g, chunk c), g-major.
+struct Item {
+  int64_t b, h, bh, g, c;
+  __device__ Item(const AttentionParams& p, const SplitShape& s, int64_t item) {
+    c = item % s.max_chunks;
+    const int64_t rest = item / s.max_chunks;
+    bh = rest % (p.batch * p.heads);
+    g = rest / (p.batch * p.heads);
+    h = bh % p.heads;
+    b = bh / p.heads;
+  }
+};
 
 // ---- forward --------------------------------------------------------------------------------------
 
 template <typename T, int E, bool kFull>
 __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
-    global_forward_kernel(const AttentionParams p, const GlobalKeys globals) {
+    global_forward_kernel(const AttentionParams p, const GlobalKeys globals, const SplitShape split, void* workspace) {
   using A = acc_t<T>;
   __shared__ A part_o[kWarps][E * kWarpSize];
   __shared__ A part_m[kWarps], part_l[kWarps];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t N = p.seqlen, slots = p.batch * p.heads * N;
+  const int64_t N = p.seqlen;
   const A scale = static_cast<A>(p.scale);
+  const int64_t slots = max_count(p, globals);
 
-  for (int64_t slot = blockIdx.x; slot < slots; slot += gridDim.x) {  // block-uniform loop
-    const int64_t g = slot % N, bh = slot / N, h = bh % p.heads, b = bh / p.heads;
-    if (g >= globals.count[b]) continue;  // block-uniform
-    const int64_t qi = globals.index[b * N + g];
+  for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
+    const Item it(p, split, item);
+    if (it.g >= slots) break;  // block-uniform; no barrier follows the loop
+    const int64_t b = it.b, h = it.h, count = globals.count[b];
+    if (it.g >= count) continue;  // block-uniform
+    const int64_t chunks = chunks_of(split, count);
+    if (it.c >= chunks) continue;  // block-uniform
+    const int64_t qi = globals.index[b * N + it.g];
     const uint8_t* roles = p.roles + b * N;
     const T* kh = static_cast<const T*>(p.k.data) + row_offset(p.k, b, h, 0);
     const T* vh = static_cast<const T*>(p.v.data) + row_offset(p.v, b, h, 0);
     const int64_t key_end = p.causal ? qi + 1 : N;
+    const int64_t len = ceil_div(key_end, chunks);
+    const int64_t key_begin = it.c * len, chunk_end = min_i64(key_end, key_begin + len);
 
     RowFrag<A, E, kFull> q;
     q.load(static_cast<const T*>(p.q.data) + row_offset(p.q, b, h, qi), D, lane);
     OnlineRow<A, E, kFull> state;
     state.reset();
-    for (int64_t j0 = warp * kGroup; j0 < key_end; j0 += kWarps * kGroup) {
+    for (int64_t j0 = key_begin + warp * kGroup; j0 < chunk_end; j0 += kWarps * kGroup) {
       int64_t key[kGroup];
 LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t j = j0 + c;
-        key[c] = (j < key_end && roles[j] != kPadding) ? j : -1;
+        key[c] = (j < chunk_end && roles[j] != kPadding) ? j : -1;
       }
       state.template absorb<kGroup>(q, kh, p.k.stride_n, vh, p.v.stride_n, key, scale, D, lane);
     }
@@ -68,21 +129,70 @@ LONGFORMER_UNROLL
     if (warp == 0) {  // combine the warps in warp order
       A m = neg_inf<A>();
       for (int w = 0; w < kWarps; ++w) m = max_of(m, part_m[w]);
+      A l = A(0);
+      RowFrag<A, E, kFull> o;
+      o.zero();
       if (m != neg_inf<A>()) {
-        A l = A(0);
-        RowFrag<A, E, kFull> o;
-        o.zero();
         for (int w = 0; w < kWarps; ++w) {
           const A f = acc_exp(part_m[w] - m);  // 0 for a warp without keys
           l += part_l[w] * f;
 LONGFORMER_UNROLL
           for (int e = 0; e < E; ++e) o.x[e] += part_o[w][e * kWarpSize + lane] * f;
         }
-        o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
-        if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, qi)] = m + acc_log(l);
+      }
+      if (chunks == 1) {  // the whole row: write it
+        if (m != neg_inf<A>()) {
+          o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
+          if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, qi)] = m + acc_log(l);
+        }
+      } else {  // partial of chunk c (m = -inf, l = 0, o = 0 for a chunk without keys)
+        A* part = static_cast<A*>(workspace) + ((it.bh * split.rows) + it.g * chunks + it.c) * (D + 2);
+        if (lane == 0) {
+          part[0] = m;
+          part[1] = l;
+        }
+        o.store(part + 2, D, lane, A(1));
       }
     }
-    __syncthreads();  // the shared buffers are reused by the block's next slot
+    __syncthreads();  // the shared buffers are reused by the block's next item
+  }
+}
+
+// Merges the chunk partials of each split global row in chunk order: one warp per (b, h, slot).
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
+    global_forward_combine_kernel(const AttentionParams p, const GlobalKeys globals, const SplitShape split,
+                                  const void* workspace) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, BH = p.batch * p.heads;
+  const int64_t slots = max_count(p, globals);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;; row += step) {
+    const int64_t g = row / BH, bh = row % BH, h = bh % p.heads, b = bh / p.heads;
+    if (g >= slots) break;  // warp-uniform; no barrier in this kernel
+    const int64_t count = globals.count[b];
+    if (g >= count) continue;
+    const int64_t chunks = chunks_of(split, count);
+    if (chunks == 1) continue;  // written by the chunk kernel
+    const A* part = static_cast<const A*>(workspace) + (bh * split.rows + g * chunks) * (D + 2);
+    A m = neg_inf<A>();
+    for (int64_t c = 0; c < chunks; ++c) m = max_of(m, part[c * (D + 2)]);
+    if (m == neg_inf<A>()) continue;  // no key: the row keeps its incoming value, lse -inf
+    A l = A(0);
+    RowFrag<A, E, kFull> o, x;
+    o.zero();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const A* pc = part + c * (D + 2);
+      const A f = acc_exp(pc[0] - m);  // 0 for a chunk without keys
+      l += pc[1] * f;
+      x.load(pc + 2, D, lane);
+      o.axpy(f, x);
+    }
+    const int64_t qi = globals.index[b * N + g];
+    o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
+    if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, qi)] = m + acc_log(l);
   }
 }
 
@@ -90,7 +200,8 @@ LONGFORMER_UNROLL
 
 // delta_g = dO_g . O_g for the global rows (warp per row; other rows are skipped).
 template <typename T, int E, bool kFull>
-__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize) global_delta_kernel(const AttentionParams p, void* workspace) {
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
+    global_delta_kernel(const AttentionParams p, void* workspace) {
   using A = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
@@ -107,51 +218,102 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize) global_delta_ker
   }
 }
 
-// dQ of the global rows: one block per (b, h, global slot), warps over key groups.
+// dQ of the global rows, one block per (b, h, global slot, chunk), warps over key groups; writes
+// the row (one chunk) or the chunk's unscaled partial after the delta part of the workspace.
 template <typename T, int E, bool kFull>
 __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
-    global_dq_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace) {
+    global_dq_kernel(const AttentionParams p, const GlobalKeys globals, const SplitShape split, void* workspace) {
   using A = acc_t<T>;
   __shared__ A part[kWarps][E * kWarpSize];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t N = p.seqlen, slots = p.batch * p.heads * N;
+  const int64_t N = p.seqlen;
   const A scale = static_cast<A>(p.scale);
+  const int64_t slots = max_count(p, globals);
+  A* partials = static_cast<A*>(workspace) + p.batch * p.heads * N;
 
-  for (int64_t slot = blockIdx.x; slot < slots; slot += gridDim.x) {  // block-uniform loop
-    const int64_t g = slot % N, bh = slot / N, h = bh % p.heads, b = bh / p.heads;
-    if (g >= globals.count[b]) continue;  // block-uniform
-    const int64_t qi = globals.index[b * N + g];
+  for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
+    const Item it(p, split, item);
+    if (it.g >= slots) break;  // block-uniform; no barrier follows the loop
+    const int64_t b = it.b, h = it.h, count = globals.count[b];
+    if (it.g >= count) continue;  // block-uniform
+    const int64_t chunks = chunks_of(split, count);
+    if (it.c >= chunks) continue;  // block-uniform
+    const int64_t qi = globals.index[b * N + it.g];
     const A lse = static_cast<const A*>(p.lse)[lse_index(p, b, h, qi)];
-    if (lse == neg_inf<A>()) continue;  // no key: no gradient (block-uniform)
+    if (lse == neg_inf<A>()) continue;  // no key: no gradient (block-uniform; the combine skips it too)
     const A delta = static_cast<const A*>(workspace)[lse_index(p, b, h, qi)];
     const uint8_t* roles = p.roles + b * N;
     const Head<T> hd(p, b, h);
     const int64_t key_end = p.causal ? qi + 1 : N;
+    const int64_t len = ceil_div(key_end, chunks);
+    const int64_t key_begin = it.c * len, chunk_end = min_i64(key_end, key_begin + len);
 
     RowFrag<A, E, kFull> q, dout, dq;
     q.load(hd.q + qi * hd.qs, D, lane);
     dout.load(hd.dout + qi * hd.ds, D, lane);
     dq.zero();
-    for (int64_t j0 = warp * kGroup; j0 < key_end; j0 += kWarps * kGroup) {
+    for (int64_t j0 = key_begin + warp * kGroup; j0 < chunk_end; j0 += kWarps * kGroup) {
       int64_t key[kGroup];
 LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) {
         const int64_t j = j0 + c;
-        key[c] = (j < key_end && roles[j] != kPadding) ? j : -1;
+        key[c] = (j < chunk_end && roles[j] != kPadding) ? j : -1;
       }
       dq_keys(dq, q, dout, lse, delta, hd, key, scale, D, lane);
     }
 LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) part[warp][e * kWarpSize + lane] = dq.x[e];
     __syncthreads();
-    T* out = static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi);
-    for (int x = threadIdx.x; x < D; x += kWarps * kWarpSize) {
-      A sum = A(0);
-      for (int w = 0; w < kWarps; ++w) sum += part[w][x];  // warp order: deterministic
-      out[x] = from_acc<T>(sum * scale);
+    if (chunks == 1) {
+      T* out = static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi);
+      for (int x = threadIdx.x; x < D; x += kWarps * kWarpSize) {
+        A sum = A(0);
+        for (int w = 0; w < kWarps; ++w) sum += part[w][x];  // warp order: deterministic
+        out[x] = from_acc<T>(sum * scale);
+      }
+    } else {
+      A* out = partials + (it.bh * split.rows + it.g * chunks + it.c) * D;
+      for (int x = threadIdx.x; x < D; x += kWarps * kWarpSize) {
+        A sum = A(0);
+        for (int w = 0; w < kWarps; ++w) sum += part[w][x];
+        out[x] = sum;
+      }
     }
-    __syncthreads();  // `part` is reused by the block's next slot
+    __syncthreads();  // `part` is reused by the block's next item
+  }
+}
+
+// Sums the dQ partials of each split global row in chunk order: one warp per (b, h, slot).
+template <typename T, int E, bool kFull>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
+    global_dq_combine_kernel(const AttentionParams p, const GlobalKeys globals, const SplitShape split,
+                             const void* workspace) {
+  using A = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int D = static_cast<int>(p.head_dim);
+  const int64_t N = p.seqlen, BH = p.batch * p.heads;
+  const A scale = static_cast<A>(p.scale);
+  const int64_t slots = max_count(p, globals);
+  const A* partials = static_cast<const A*>(workspace) + BH * N;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kRowWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowWarps + warp;; row += step) {
+    const int64_t g = row / BH, bh = row % BH, h = bh % p.heads, b = bh / p.heads;
+    if (g >= slots) break;  // warp-uniform; no barrier in this kernel
+    const int64_t count = globals.count[b];
+    if (g >= count) continue;
+    const int64_t chunks = chunks_of(split, count);
+    if (chunks == 1) continue;  // written by the chunk kernel
+    const int64_t qi = globals.index[b * N + g];
+    if (static_cast<const A*>(p.lse)[lse_index(p, b, h, qi)] == neg_inf<A>()) continue;  // no partials written
+    const A* part = partials + (bh * split.rows + g * chunks) * D;
+    RowFrag<A, E, kFull> dq, x;
+    dq.zero();
+    for (int64_t c = 0; c < chunks; ++c) {
+      x.load(part + c * D, D, lane);
+      dq.axpy(A(1), x);
+    }
+    dq.store(static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi), D, lane, scale);
   }
 }
 
@@ -195,29 +357,56 @@ LONGFORMER_UNROLL
   }
 }
 
+int64_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+// Grid of the chunk kernels: every work item up to the cap (the idle ones stop at once).
+unsigned chunk_grid(const AttentionParams& p, const SplitShape& s) {
+  return grid_for(min_i64(p.batch * p.heads * p.seqlen * s.max_chunks, kGridCap), 1);
+}
+
+// Grid of the combine kernels: one warp per (b, h, slot), capped like the chunk kernels.
+unsigned combine_grid(const AttentionParams& p) {
+  return grid_for(min_i64(p.batch * p.heads * p.seqlen, kGridCap * kRowWarps), kRowWarps);
+}
+
 }  // namespace
 
-int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream) {
+int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType dtype) {
+  if (p.batch * p.heads * p.seqlen == 0 || p.head_dim == 0) return 0;
+  return p.batch * p.heads * split_shape(p).rows * (p.head_dim + 2) * acc_bytes(dtype);
+}
+
+int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
+                             void* stream) {
   const int64_t slots = p.batch * p.heads * p.seqlen;
   if (slots == 0 || p.head_dim == 0) return 0;
+  const SplitShape split = split_shape(p);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
-      auto kernel = &global_forward_kernel<T, decltype(dim)::E, decltype(dim)::kFull>;
-      return LONGFORMER_LAUNCH(kernel, dim3(grid_for(slots, 1)), dim3(kWarps * kWarpSize), 0, stream, p, g);
+      constexpr int E = decltype(dim)::E;
+      constexpr bool kFull = decltype(dim)::kFull;
+      auto chunk = &global_forward_kernel<T, E, kFull>;
+      auto combine = &global_forward_combine_kernel<T, E, kFull>;
+      int err = LONGFORMER_LAUNCH(chunk, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream, p, g,
+                                  split, workspace);
+      if (err != 0 || split.max_chunks == 1) return err;
+      return LONGFORMER_LAUNCH(combine, dim3(combine_grid(p)), dim3(kRowWarps * kWarpSize), 0, stream, p, g, split,
+                               static_cast<const void*>(workspace));
     });
   });
 }
 
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype) {
-  const int64_t acc_size = dtype == DType::kFloat64 ? 8 : 4;
-  return p.batch * p.heads * p.seqlen * acc_size;
+  if (p.batch * p.heads * p.seqlen == 0 || p.head_dim == 0) return 0;
+  return p.batch * p.heads * (p.seqlen + split_shape(p).rows * p.head_dim) * acc_bytes(dtype);
 }
 
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                               void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
+  const SplitShape split = split_shape(p);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -226,11 +415,18 @@ int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
       const dim3 row_grid(grid_for(rows, kRowWarps)), row_block(kRowWarps * kWarpSize);
       auto delta = &global_delta_kernel<T, E, kFull>;
       auto dq = &global_dq_kernel<T, E, kFull>;
+      auto dq_combine = &global_dq_combine_kernel<T, E, kFull>;
       auto dkdv = &global_dkdv_kernel<T, E, kFull>;
       int err = LONGFORMER_LAUNCH(delta, row_grid, row_block, 0, stream, p, workspace);
       if (err != 0) return err;
-      err = LONGFORMER_LAUNCH(dq, dim3(grid_for(rows, 1)), dim3(kWarps * kWarpSize), 0, stream, p, g, workspace);
+      err = LONGFORMER_LAUNCH(dq, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream, p, g, split,
+                              workspace);
       if (err != 0) return err;
+      if (split.max_chunks > 1) {
+        err = LONGFORMER_LAUNCH(dq_combine, dim3(combine_grid(p)), row_block, 0, stream, p, g, split,
+                                static_cast<const void*>(workspace));
+        if (err != 0) return err;
+      }
       return LONGFORMER_LAUNCH(dkdv, row_grid, row_block, 0, stream, p, g, workspace);
     });
   });

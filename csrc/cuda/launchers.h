@@ -36,8 +36,12 @@ int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                               void* stream);
 
-// Rows of global queries over every real key; p.q/k/v are global_q/k/v.
-int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
+// Rows of global queries over every real key; p.q/k/v are global_q/k/v. The keys of each global
+// row are split across blocks; `workspace` (uninitialised, the size asked for) holds the chunk
+// partials that a second kernel combines in a fixed order.
+int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType dtype);
+int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
+                             void* stream);
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows).
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,

@@ -179,7 +179,9 @@ std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::T
   if (prep.empty) return {new_out, lse};
   prep.params.out = heads_view(new_out);
   prep.params.lse = lse.data_ptr();
-  glue_check(global_attention_forward(prep.params, prep.globals, prep.dtype, glue_stream(gq)), "global_attn");
+  at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(prep.params, prep.dtype), gq);
+  glue_check(global_attention_forward(prep.params, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(gq)),
+             "global_attn");
   return {new_out, lse};
 }
 
