@@ -139,3 +139,13 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """For files of tiny tensors: one thread avoids OpenMP overhead (50x slower on a loaded 2-core
+    machine); the previous count is restored for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,14 +12,7 @@ C, H = 24, 3
 D = C // H
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP overhead (50x slower on a loaded 2-core
-    machine); the previous count is restored for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _module(seed=0, **kwargs):
@@ -137,7 +130,6 @@ def test_probabilities_layout_rebuilds_the_output():
     torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=0)
     # Every real row sums to 1 (local rows over band + global keys, global rows over all keys).
     real = attention_mask.bool()
-    glob = global_attention_mask & real
     sums = dense.sum(-1) + glob_rows.sum(-1)
     torch.testing.assert_close(sums, real[:, None, :].float().expand(b, H, n), atol=1e-6, rtol=0)
     expected_index = [[0, 5, 10], [3, -1, -1]]  # row 1: its global token at n-2 is padding

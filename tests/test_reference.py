@@ -17,13 +17,7 @@ ATOL = 1e-12
 GLOBALS = ["none", "one", "edges", "many", "all"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (and thrash on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def make_inputs(batch, heads, n, dim, globals_kind="none", padding=False, projections=False, seed=0):

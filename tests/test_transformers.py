@@ -24,14 +24,7 @@ VOCAB, PAD = 60, 1
 ATOL = RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP overhead (50x slower on a loaded 2-core
-    machine); the previous count is restored for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def longformer_config(**overrides):

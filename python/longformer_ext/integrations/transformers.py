@@ -189,6 +189,39 @@ def _longformer_model_forward(self, input_ids=None, attention_mask=None, global_
         attentions=encoder_outputs.attentions, global_attentions=encoder_outputs.global_attentions)
 
 
+def _run_layers(layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+                output_attentions, output_hidden_states, layerdrop=0.0):
+    """The layer loop shared by the patched Longformer and LED encoders: roles instead of additive
+    masks, attentions in Hugging Face's layout. A layer dropped by LayerDrop contributes no attentions.
+
+    Returns (hidden_states, all_hidden_states, all_attentions, all_global_attentions); the last three
+    are None when not asked for.
+    """
+    if head_mask is not None and head_mask.size(0) != len(layers):
+        raise ValueError(f"The head_mask should be specified for {len(layers)} layers, but it is for "
+                         f"{head_mask.size(0)}.")
+    all_hidden_states = () if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    all_global_attentions = () if (output_attentions and is_global_attn) else None
+    for idx, layer in enumerate(layers):
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if layerdrop > 0 and bool(torch.rand([]) < layerdrop):
+            continue
+        layer_outputs = layer(hidden_states, attention_mask=None,
+                              layer_head_mask=head_mask[idx] if head_mask is not None else None,
+                              is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn,
+                              is_global_attn=is_global_attn, output_attentions=output_attentions)
+        hidden_states = layer_outputs[0]
+        if output_attentions:
+            all_attentions = all_attentions + (layer_outputs[1].transpose(1, 2),)
+            if is_global_attn:
+                all_global_attentions = all_global_attentions + (layer_outputs[2].transpose(2, 3),)
+    if output_hidden_states:
+        all_hidden_states = all_hidden_states + (hidden_states,)
+    return hidden_states, all_hidden_states, all_attentions, all_global_attentions
+
+
 def _longformer_encoder_forward(self, hidden_states, attention_mask=None, head_mask=None, padding_len=0,
                                 output_attentions=False, output_hidden_states=False, return_dict=True, *,
                                 is_index_masked=None, is_index_global_attn=None):
@@ -202,27 +235,9 @@ def _longformer_encoder_forward(self, hidden_states, attention_mask=None, head_m
     if attention_mask is not None and is_index_masked is None:
         is_index_masked, is_index_global_attn = attention_mask < 0, attention_mask > 0
     is_global_attn = _global_flag(is_index_global_attn, output_attentions)
-    if head_mask is not None and head_mask.size(0) != len(self.layer):
-        raise ValueError(f"The head_mask should be specified for {len(self.layer)} layers, but it is for "
-                         f"{head_mask.size(0)}.")
-
-    all_hidden_states = () if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    all_global_attentions = () if (output_attentions and is_global_attn) else None
-    for idx, layer_module in enumerate(self.layer):
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states + (hidden_states,)
-        layer_outputs = layer_module(hidden_states, attention_mask=None,
-                                     layer_head_mask=head_mask[idx] if head_mask is not None else None,
-                                     is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn,
-                                     is_global_attn=is_global_attn, output_attentions=output_attentions)
-        hidden_states = layer_outputs[0]
-        if output_attentions:
-            all_attentions = all_attentions + (layer_outputs[1].transpose(1, 2),)
-            if is_global_attn:
-                all_global_attentions = all_global_attentions + (layer_outputs[2].transpose(2, 3),)
-    if output_hidden_states:
-        all_hidden_states = all_hidden_states + (hidden_states,)
+    hidden_states, all_hidden_states, all_attentions, all_global_attentions = _run_layers(
+        self.layer, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+        output_attentions, output_hidden_states)
 
     if padding_len:  # only when a caller padded on its own; the patched model never does
         n = hidden_states.shape[1] - padding_len
@@ -274,29 +289,11 @@ def _led_encoder_forward(self, input_ids=None, attention_mask=None, global_atten
     hidden_states = self.layernorm_embedding(hidden_states)
     hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
-    if head_mask is not None and head_mask.size(0) != len(self.layers):
-        raise ValueError(f"The head_mask should be specified for {len(self.layers)} layers, but it is for "
-                         f"{head_mask.size(0)}.")
-    encoder_states = () if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    all_global_attentions = () if (output_attentions and is_global_attn) else None
-    for idx, encoder_layer in enumerate(self.layers):
-        if output_hidden_states:
-            encoder_states = encoder_states + (hidden_states,)
-        # LayerDrop: decided on the host, in training only (so eval stays free of host syncs).
-        if self.training and self.layerdrop > 0 and bool(torch.rand([]) < self.layerdrop):
-            continue  # a dropped layer contributes no attentions
-        layer_outputs = encoder_layer(hidden_states, attention_mask=None,
-                                      layer_head_mask=head_mask[idx] if head_mask is not None else None,
-                                      is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn,
-                                      is_global_attn=is_global_attn, output_attentions=output_attentions)
-        hidden_states = layer_outputs[0]
-        if output_attentions:
-            all_attentions = all_attentions + (layer_outputs[1].transpose(1, 2),)
-            if is_global_attn:
-                all_global_attentions = all_global_attentions + (layer_outputs[2].transpose(2, 3),)
-    if output_hidden_states:
-        encoder_states = encoder_states + (hidden_states,)
+    # LayerDrop: decided on the host, in training only (so eval stays free of host syncs).
+    layerdrop = self.layerdrop if self.training else 0.0
+    hidden_states, encoder_states, all_attentions, all_global_attentions = _run_layers(
+        self.layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+        output_attentions, output_hidden_states, layerdrop)
 
     if not return_dict:
         return tuple(v for v in (hidden_states, encoder_states, all_attentions, all_global_attentions) if v is not None)
