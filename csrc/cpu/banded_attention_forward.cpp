@@ -2,9 +2,10 @@
 // local, plus every real global key, with one online softmax and no [N, window] buffer.
 // Global and padding rows come out as 0 with lse = -inf (global rows are filled by global_attn).
 //
-// Task = one BandTile of queries. Its band keys are walked in blocks of at most kBlockLimit,
-// then the batch row's global keys (gathered) in blocks of the same size.
+// Task = one BandTile of queries (a ForwardTile). Its band keys are walked in blocks of at most
+// kBlockLimit, then the batch row's global keys (gathered) in blocks of the same size.
 #include "band_tiles.h"
+#include "forward_tile.h"
 #include "kernels.h"
 
 namespace longformer::cpu {
@@ -19,10 +20,8 @@ void banded_attention_forward(const AttentionParams& p) {
   const auto globals = positions_with_role(p, kGlobal);
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
-    Scratch<acc> q(kRowTile * D), k(kBlockLimit * D), v(kBlockLimit * D), s(kRowTile * kBlockLimit);
-    Scratch<acc> o(kRowTile * D), m(kRowTile), l(kRowTile), bias(kBlockLimit), row_out(D);
-    Scratch<int64_t> lo(kRowTile), hi(kRowTile);
-    OnlineSoftmax<acc> state{0, D, o.get(), m.get(), l.get()};
+    ForwardTile<acc> query(D);
+    Scratch<acc> bias(kBlockLimit), row_out(D);
 
     for (int64_t t = first; t < last; ++t) {
       const BandTile& tile = tiles[t];
@@ -32,8 +31,7 @@ void banded_attention_forward(const AttentionParams& p) {
       const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
       const Positions qpos = tile.rows(tile.begin);
-      const Rows<acc> qr = rows_of(q.get(), qh, p.q.stride_n, qpos, rows, D);
-      state.reset(rows);
+      query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
 
       // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
       const int64_t key_begin = std::max<int64_t>(0, tile.begin - left);
@@ -41,39 +39,35 @@ void banded_attention_forward(const AttentionParams& p) {
       for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         const Positions kpos = tile.rows(c0);
-        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, kpos, keys, D);
-        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, kpos, keys, D);
-        for (int64_t c = 0; c < keys; ++c) bias.get()[c] = roles[kpos[c]] == kLocal ? acc(0) : neg_inf<acc>();
-        for (int64_t r = 0; r < rows; ++r) {
-          lo.get()[r] = tile.begin + r - left - c0;
-          hi.get()[r] = tile.begin + r + right + 1 - c0;
+        bool all_local = true;
+        for (int64_t c = 0; c < keys; ++c) {
+          const bool local = roles[kpos[c]] == kLocal;
+          bias.get()[c] = local ? acc(0) : neg_inf<acc>();
+          all_local = all_local && local;
         }
-        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
-        mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        state.absorb(s.get(), vr, keys);
+        for (int64_t r = 0; r < rows; ++r) {
+          query.lo()[r] = tile.begin + r - left - c0;
+          query.hi()[r] = tile.begin + r + right + 1 - c0;
+        }
+        query.attend(kh, p.k.stride_n, vh, p.v.stride_n, kpos, keys, all_local ? nullptr : bias.get());
       });
 
       // Global keys, seen by every local query (only those at or before it when causal).
       const std::vector<int64_t>& g = globals[tile.b];
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
         const int64_t keys = g1 - g0;
-        const Positions kpos{0, 1, g.data() + g0};
-        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, kpos, keys, D);
-        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, kpos, keys, D);
         for (int64_t r = 0; r < rows; ++r) {
-          lo.get()[r] = 0;
-          hi.get()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
+          query.lo()[r] = 0;
+          query.hi()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
         }
-        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
-        mask_tile<acc>(s.get(), rows, keys, lo.get(), hi.get(), nullptr);
-        state.absorb(s.get(), vr, keys);
+        query.attend(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data() + g0}, keys, nullptr);
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
       auto* lse = static_cast<acc*>(p.lse) + p.lse_offset(tile.b, tile.h, 0);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = qpos[r];
-        acc row_lse = state.finish_row(r, row_out.get());
+        acc row_lse = query.finish_row(r, row_out.get());
         if (roles[i] != kLocal) {
           std::fill(row_out.get(), row_out.get() + D, acc(0));
           row_lse = neg_inf<acc>();

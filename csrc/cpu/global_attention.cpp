@@ -5,6 +5,7 @@
 // Backward, deterministic: dQ per tile of global queries; dK, dV per block of keys over all
 // global queries of the batch row.
 #include "band_tiles.h"
+#include "forward_tile.h"
 #include "kernels.h"
 
 namespace longformer::cpu {
@@ -46,10 +47,8 @@ void global_attention_forward(const AttentionParams& p) {
   const std::vector<GlobalTile> tiles = global_query_tiles(p, globals);
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
-    Scratch<acc> q(kRowTile * D), k(kBlockLimit * D), v(kBlockLimit * D), s(kRowTile * kBlockLimit);
-    Scratch<acc> o(kRowTile * D), m(kRowTile), l(kRowTile), bias(kBlockLimit), row_out(D);
-    Scratch<int64_t> lo(kRowTile), hi(kRowTile);
-    OnlineSoftmax<acc> state{0, D, o.get(), m.get(), l.get()};
+    ForwardTile<acc> query(D);
+    Scratch<acc> bias(kBlockLimit), row_out(D);
 
     for (int64_t t = first; t < last; ++t) {
       const GlobalTile& tile = tiles[t];
@@ -59,24 +58,19 @@ void global_attention_forward(const AttentionParams& p) {
       const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.q.offset(tile.b, tile.h, 0);
       const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
-      const Rows<acc> qr = rows_of(q.get(), qh, p.q.stride_n, qpos, rows, D);
-      state.reset(rows);
+      query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
 
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
-        const Rows<acc> kr = rows_of(k.get(), kh, p.k.stride_n, Positions{c0, 1}, keys, D);
-        const Rows<acc> vr = rows_of(v.get(), vh, p.v.stride_n, Positions{c0, 1}, keys, D);
-        mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
-        score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
-        mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
-        state.absorb(s.get(), vr, keys);
+        mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), query.lo(), query.hi());
+        query.attend(kh, p.k.stride_n, vh, p.v.stride_n, Positions{c0, 1}, keys, bias.get());
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
       auto* lse = static_cast<acc*>(p.lse) + p.lse_offset(tile.b, tile.h, 0);
       for (int64_t r = 0; r < rows; ++r) {
-        lse[qpos[r]] = state.finish_row(r, row_out.get());
+        lse[qpos[r]] = query.finish_row(r, row_out.get());
         store_rows(out_h, p.out.stride_n, Positions{qpos[r], 1}, row_out.get(), 1, D);
       }
     }

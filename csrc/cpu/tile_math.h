@@ -1,6 +1,7 @@
 // Building blocks shared by the fused CPU kernels: tiles of rows (views of the input, or copies
-// in the accumulation dtype), score tiles from one GEMM, interval masks, the online-softmax
-// forward update and the backward update of one (query rows x key block) tile.
+// in the accumulation dtype), row max and exp, and for the backward score tiles from one GEMM,
+// interval masks and the update of one (query rows x key block) tile. The forward's tile, on
+// its own micro-kernels, is in forward_tile.h.
 //
 // Every fused kernel is a loop over such tiles; what differs between them is only which rows form
 // the query tile, which keys form a block, and which (row, key) pairs the mask keeps.
@@ -191,52 +192,6 @@ acc row_max(const acc* row, int64_t n) {
   for (; c < n; ++c) m = std::max(m, row[c]);
   return m;
 }
-
-// Running softmax state of a query tile: unnormalised output o, row maxima m and sums l.
-template <typename acc>
-struct OnlineSoftmax {
-  int64_t rows = 0, dim = 0;
-  acc *o, *m, *l;
-
-  void reset(int64_t n_rows) {
-    rows = n_rows;
-    std::fill(o, o + rows * dim, acc(0));
-    std::fill(m, m + rows, neg_inf<acc>());
-    std::fill(l, l + rows, acc(0));
-  }
-
-  // Takes masked scores s[rows][keys] (overwritten with probabilities) and values v[keys][dim].
-  void absorb(acc* s, Rows<acc> v, int64_t keys) {
-    for (int64_t r = 0; r < rows; ++r) {
-      acc* row = s + r * keys;
-      acc new_m = std::max(m[r], row_max(row, keys));
-      if (new_m == neg_inf<acc>()) {  // no valid key in this row yet: contribute nothing
-        std::fill(row, row + keys, acc(0));
-        continue;
-      }
-      acc alpha = std::exp(m[r] - new_m);  // 0 when m[r] was -inf
-      l[r] = l[r] * alpha + exp_shifted(row, keys, new_m);
-      m[r] = new_m;
-      if (alpha != acc(1)) {
-        acc* orow = o + r * dim;
-        for (int64_t c = 0; c < dim; ++c) orow[c] *= alpha;
-      }
-    }
-    accumulate_ab(o, s, v, rows, keys, dim, acc(1));
-  }
-
-  // Normalised output row r into `dst` (as acc) and its log-sum-exp; rows with no key give 0 / -inf.
-  acc finish_row(int64_t r, acc* dst) const {
-    const acc* orow = o + r * dim;
-    if (l[r] == acc(0)) {
-      std::fill(dst, dst + dim, acc(0));
-      return neg_inf<acc>();
-    }
-    acc inv = acc(1) / l[r];
-    for (int64_t c = 0; c < dim; ++c) dst[c] = orow[c] * inv;
-    return m[r] + std::log(l[r]);
-  }
-};
 
 // One backward tile. In: masked scores s[rows][keys] (overwritten with P), the tile's q, dout,
 // lse, delta = rowsum(dout * out), and the key block k, v. Out: whichever of dq[rows][dim],
