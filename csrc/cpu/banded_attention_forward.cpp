@@ -21,6 +21,7 @@ void banded_attention_forward(const AttentionParams& p) {
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
     ForwardTile<acc> query(D);
+    KeyPanels<scalar_t> band_keys(D), global_keys(D);
     Scratch<acc> bias(kBlockLimit), row_out(D);
 
     for (int64_t t = first; t < last; ++t) {
@@ -36,6 +37,7 @@ void banded_attention_forward(const AttentionParams& p) {
       // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
       const int64_t key_begin = std::max<int64_t>(0, tile.begin - left);
       const int64_t key_end = std::min(tile.length, tile.end + right);
+      band_keys.select(kh, p.k.stride_n, tile.rows(0), tile.length);
       for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         const Positions kpos = tile.rows(c0);
@@ -49,18 +51,19 @@ void banded_attention_forward(const AttentionParams& p) {
           query.lo()[r] = tile.begin + r - left - c0;
           query.hi()[r] = tile.begin + r + right + 1 - c0;
         }
-        query.attend(kh, p.k.stride_n, vh, p.v.stride_n, kpos, keys, all_local ? nullptr : bias.get());
+        query.attend(band_keys, c0, keys, vh, p.v.stride_n, all_local ? nullptr : bias.get());
       });
 
       // Global keys, seen by every local query (only those at or before it when causal).
       const std::vector<int64_t>& g = globals[tile.b];
+      global_keys.select(kh, p.k.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()));
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
         const int64_t keys = g1 - g0;
         for (int64_t r = 0; r < rows; ++r) {
           query.lo()[r] = 0;
           query.hi()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
         }
-        query.attend(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data() + g0}, keys, nullptr);
+        query.attend(global_keys, g0, keys, vh, p.v.stride_n, nullptr);
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);

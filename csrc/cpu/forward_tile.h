@@ -1,11 +1,12 @@
-// The query tile of both fused forwards (band rows and global rows): its queries, pre-scaled,
-// and its running online softmax (unnormalised output o, row maxima m, row sums l).
+// The query tile of both fused forwards (band rows and global rows) and the packed keys it reads.
 //
-// `attend` takes one block of keys. Row r sees only the keys in [lo[r], hi[r]) of the block and,
-// of those, the ones whose bias is not -inf. The block is walked kMicroRows query rows at a time:
-// scores for the key panels those rows can see, softmax update, then p.v over the same key
-// range, while the group's scores are still in L1. Keys outside a row's interval never enter
-// max, exp or the p.v sum, so band edges cost no masking pass and skipped panels no arithmetic.
+// ForwardTile holds a tile's queries, pre-scaled, and its running online softmax (unnormalised
+// output o, row maxima m, row sums l). `attend` takes one block of keys; row r sees only the keys
+// in [lo[r], hi[r]) of the block and, of those, the ones whose bias is not -inf. The block is
+// walked kMicroRows query rows at a time: scores for the key panels those rows can see, softmax
+// update, then p.v over the same key range while the group's scores are still in L1. Keys
+// outside a row's interval never enter max, exp or the p.v sum, so band edges cost no masking
+// pass and skipped panels no arithmetic.
 #pragma once
 
 #include <algorithm>
@@ -16,13 +17,68 @@
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
+// The keys of one key sequence (rows seq[0, length) of a head) in the score kernel's layout:
+// panel p holds keys [p W, p W + W), element d of key p W + j at [d][j], zeros past `length`.
+// Panels are packed on first use and kept in a ring: neighbouring band tiles share all but a
+// few panels, so each key is packed about once rather than once per tile.
+template <typename scalar_t>
+class KeyPanels {
+ public:
+  using acc = acc_type<scalar_t>;
+  static constexpr int64_t W = key_panel_width<acc>();
+
+  explicit KeyPanels(int64_t dim)
+      : dim_(dim), capacity_((kBlockLimit + W - 1) / W + 1), data_(capacity_ * W * dim), tags_(capacity_) {
+    std::fill(tags_.get(), tags_.get() + capacity_, int64_t(-1));
+  }
+
+  // Switches to another key sequence (a no-op when it is the current one).
+  void select(const scalar_t* head, int64_t stride_n, Positions seq, int64_t length) {
+    if (head == head_ && stride_n == stride_n_ && seq == seq_ && length == length_) return;
+    head_ = head;
+    stride_n_ = stride_n;
+    seq_ = seq;
+    length_ = length;
+    std::fill(tags_.get(), tags_.get() + capacity_, int64_t(-1));
+  }
+
+  Positions sequence() const { return seq_; }
+
+  // Panel p. The ring holds capacity_ panels, more than one block of keys spans, so the panels
+  // of one block never evict each other.
+  const acc* panel(int64_t p) {
+    const int64_t slot = p % capacity_;
+    acc* dst = data_.get() + slot * W * dim_;
+    if (tags_.get()[slot] != p) {
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t key = p * W + j;
+        if (key < length_) {
+          const scalar_t* src = head_ + seq_[key] * stride_n_;
+          for (int64_t d = 0; d < dim_; ++d) dst[d * W + j] = static_cast<acc>(src[d]);
+        } else {
+          for (int64_t d = 0; d < dim_; ++d) dst[d * W + j] = acc(0);
+        }
+      }
+      tags_.get()[slot] = p;
+    }
+    return dst;
+  }
+
+ private:
+  int64_t dim_, capacity_;
+  Scratch<acc> data_;
+  Scratch<int64_t> tags_;
+  const scalar_t* head_ = nullptr;
+  int64_t stride_n_ = 0, length_ = 0;
+  Positions seq_;
+};
+
 template <typename acc>
 class ForwardTile {
  public:
   explicit ForwardTile(int64_t dim)
       : dim_(dim), q_(kRowTile * dim), o_(kRowTile * dim), m_(kRowTile), l_(kRowTile), lo_(kRowTile),
-        hi_(kRowTile), keys_(padded(kBlockLimit) * dim), values_(kBlockLimit * dim),
-        s_(kMicroRows * padded(kBlockLimit)) {}
+        hi_(kRowTile), values_(kBlockLimit * dim), s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
 
   // Begins a tile: queries pos[0, rows) of `head`, times `scale`; empty softmax state.
   template <typename scalar_t>
@@ -41,23 +97,24 @@ class ForwardTile {
   int64_t* lo() { return lo_.get(); }
   int64_t* hi() { return hi_.get(); }
 
-  // Attends the tile to keys pos[0, count) of (k_head, v_head); bias[count] is 0 or -inf per key,
-  // or null for all 0.
+  // Attends the tile to the block of keys [c0, c0 + count) of `keys`' sequence, whose values are
+  // the same rows of v_head; bias[count] is 0 or -inf per key, or null for all 0.
   template <typename scalar_t>
-  void attend(const scalar_t* k_head, int64_t k_stride, const scalar_t* v_head, int64_t v_stride, Positions pos,
-              int64_t count, const acc* bias) {
-    constexpr int64_t W = key_panel_width<acc>();
-    pack_key_panels(keys_.get(), [&](int64_t c) { return k_head + pos[c] * k_stride; }, count, dim_);
-    const Rows<acc> v = rows_of(values_.get(), v_head, v_stride, pos, count, dim_);
-    const int64_t lds = padded(count);
+  void attend(KeyPanels<scalar_t>& keys, int64_t c0, int64_t count, const scalar_t* v_head, int64_t v_stride,
+              const acc* bias) {
+    constexpr int64_t W = KeyPanels<scalar_t>::W;
+    const Rows<acc> v = rows_of(values_.get(), v_head, v_stride, keys.sequence().from(c0), count, dim_);
+    // Scores are indexed from the block's first panel boundary, `shift` keys before c0.
+    const int64_t panel0 = c0 / W, shift = c0 - panel0 * W;
+    const int64_t lds = (shift + count + W - 1) / W * W;
     for (int64_t r0 = 0; r0 < rows_; r0 += kMicroRows) {
       const int64_t group = std::min<int64_t>(kMicroRows, rows_ - r0);
       int64_t* lo = lo_.get() + r0;
       int64_t* hi = hi_.get() + r0;
-      int64_t first = count, last = 0;  // union of the group's intervals
+      int64_t first = lds, last = 0;  // union of the group's intervals, in score indices
       for (int64_t r = 0; r < group; ++r) {
-        lo[r] = std::clamp<int64_t>(lo[r], 0, count);
-        hi[r] = std::clamp<int64_t>(hi[r], lo[r], count);
+        lo[r] = std::clamp<int64_t>(lo[r], 0, count) + shift;
+        hi[r] = std::clamp<int64_t>(hi[r] + shift, lo[r], count + shift);
         if (lo[r] < hi[r]) {
           first = std::min(first, lo[r]);
           last = std::max(last, hi[r]);
@@ -69,10 +126,12 @@ class ForwardTile {
       with_micro_rows(group, [&](auto rows) {
         constexpr int MR = decltype(rows)::value;
         for (int64_t p0 = first / W * W; p0 < last; p0 += W) {
-          score_panel<MR>(q_.get() + r0 * dim_, dim_, keys_.get() + p0 * dim_, dim_, s + p0, lds);
+          score_panel<MR>(q_.get() + r0 * dim_, dim_, keys.panel(panel0 + p0 / W), dim_, s + p0, lds);
         }
-        for (int64_t r = 0; r < MR; ++r) update_row(r0 + r, s + r * lds, lo[r], hi[r], first, last, bias);
-        pv_rows<MR>(s, lds, first, last, v.data, v.ld, o, dim_, dim_);
+        for (int64_t r = 0; r < MR; ++r) {
+          update_row(r0 + r, s + r * lds, lo[r], hi[r], first, last, bias, shift);
+        }
+        pv_rows<MR>(s + shift, lds, first - shift, last - shift, v.data, v.ld, o, dim_, dim_);
       });
     }
   }
@@ -91,17 +150,14 @@ class ForwardTile {
   }
 
  private:
-  static int64_t padded(int64_t keys) {
-    constexpr int64_t W = key_panel_width<acc>();
-    return (keys + W - 1) / W * W;
-  }
-
   // Online-softmax update of tile row r from its scores s[a, b); leaves probabilities in s[a, b)
-  // and zeros in the rest of the group's range [first, last), which p.v then reads.
-  void update_row(int64_t r, acc* s, int64_t a, int64_t b, int64_t first, int64_t last, const acc* bias) {
+  // and zeros in the rest of the group's range [first, last), which p.v then reads. Score index
+  // c is key c - shift of the block (whose bias is bias[c - shift]).
+  void update_row(int64_t r, acc* s, int64_t a, int64_t b, int64_t first, int64_t last, const acc* bias,
+                  int64_t shift) {
     if (a >= b) a = b = first;  // an empty interval: the whole range becomes 0 below
     if (bias) {
-      for (int64_t c = a; c < b; ++c) s[c] += bias[c];
+      for (int64_t c = a; c < b; ++c) s[c] += bias[c - shift];
     }
     acc& m = m_.get()[r];
     const acc new_m = std::max(m, row_max(s + a, b - a));
@@ -123,7 +179,7 @@ class ForwardTile {
   int64_t dim_, rows_ = 0;
   Scratch<acc> q_, o_, m_, l_;
   Scratch<int64_t> lo_, hi_;
-  Scratch<acc> keys_, values_, s_;
+  Scratch<acc> values_, s_;
 };
 
 }  // namespace CPU_CAPABILITY

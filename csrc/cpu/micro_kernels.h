@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -62,25 +63,6 @@ void with_micro_rows(int64_t rows, F&& f) {
     case 4: return f(std::integral_constant<int, 4>{});
     case 5: return f(std::integral_constant<int, 5>{});
     default: return f(std::integral_constant<int, kMicroRows>{});
-  }
-}
-
-// Packs keys[0, count) (rows of `dim` values, any source dtype) into panels of
-// key_panel_width() keys: panel[d][j] = key (panel_start + j), element d. Keys past `count` in
-// the last panel are zero. dst holds ceil(count / width) * width * dim values.
-template <typename acc, typename Row>
-void pack_key_panels(acc* dst, Row&& key_row, int64_t count, int64_t dim) {
-  constexpr int64_t W = key_panel_width<acc>();
-  for (int64_t p0 = 0; p0 < count; p0 += W) {
-    acc* panel = dst + p0 * dim;
-    for (int64_t j = 0; j < W; ++j) {
-      if (p0 + j < count) {
-        const auto* src = key_row(p0 + j);
-        for (int64_t d = 0; d < dim; ++d) panel[d * W + j] = static_cast<acc>(src[d]);
-      } else {
-        for (int64_t d = 0; d < dim; ++d) panel[d * W + j] = acc(0);
-      }
-    }
   }
 }
 
@@ -154,6 +136,27 @@ void pv_rows(const acc* p, int64_t ldp, int64_t k0, int64_t k1, const acc* v, in
       o[r * ldo + c] += sum;
     }
   }
+}
+
+// Largest of row[0, n); -inf for n = 0. A plain compare-and-select (one instruction per vector,
+// two chains): a NaN score may be skipped here, but it still reaches the output through exp.
+template <typename acc>
+acc row_max(const acc* row, int64_t n) {
+  using S = SimdOf<acc>;
+  constexpr int64_t V = S::size;
+  const acc lowest = -std::numeric_limits<acc>::infinity();
+  typename S::vec m0 = typename S::vec{} + lowest, m1 = m0;
+  int64_t c = 0;
+  for (; c + 2 * V <= n; c += 2 * V) {
+    const auto x0 = S::load(row + c), x1 = S::load(row + c + V);
+    m0 = x0 > m0 ? x0 : m0;
+    m1 = x1 > m1 ? x1 : m1;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  acc m = lowest;
+  for (int64_t l = 0; l < V; ++l) m = m0[l] > m ? m0[l] : m;
+  for (; c < n; ++c) m = row[c] > m ? row[c] : m;
+  return m;
 }
 
 }  // namespace CPU_CAPABILITY

@@ -40,6 +40,9 @@ struct Positions {
   int64_t first = 0, step = 1;
   const int64_t* list = nullptr;
   int64_t operator[](int64_t r) const { return list ? list[r] : first + r * step; }
+  // The same sequence starting at its entry r.
+  Positions from(int64_t r) const { return list ? Positions{0, 1, list + r} : Positions{first + r * step, step}; }
+  bool operator==(const Positions&) const = default;
 };
 
 // Runs f(first, last) over task ranges on torch's thread pool, one task per grain, with BLAS kept
@@ -177,20 +180,6 @@ acc exp_shifted(acc* row, int64_t n, acc shift) {
     sum += row[c];
   }
   return sum;
-}
-
-template <typename acc>
-acc row_max(const acc* row, int64_t n) {
-  using Vec = at::vec::Vectorized<acc>;
-  Vec vmax(neg_inf<acc>());
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
-  acc lanes[Vec::size()];
-  vmax.store(lanes);
-  acc m = neg_inf<acc>();
-  for (int64_t l = 0; l < Vec::size(); ++l) m = std::max(m, lanes[l]);
-  for (; c < n; ++c) m = std::max(m, row[c]);
-  return m;
 }
 
 // One backward tile. In: masked scores s[rows][keys] (overwritten with P), the tile's q, dout,
