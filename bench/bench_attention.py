@@ -392,7 +392,7 @@ def bench_point(n: int, g: int, args, gemm: float, hf_layer) -> list[dict]:
     x = make_inputs(n, g, seed=n + g)
     masks = hf_masks(x)
     work = useful_gflop(n, g)
-    budget, min_reps, max_reps = (1.0, 1, 5) if args.quick else (4.0, 2, 15)
+    budget, min_reps, max_reps = (1.0, 1, 5) if args.quick else (4.0, 3, 15)
 
     impls: dict[str, Callable[[Inputs], torch.Tensor]] = {
         "ours": run_ours,

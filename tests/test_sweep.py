@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close_to_oracle, differentiable_inputs, make_inputs, sweep_cases
+from conftest import Case, assert_close_to_oracle, differentiable_inputs, make_inputs, sweep_cases
 from longformer_ext import longformer_attention
 from longformer_ext.reference import dense_attention
 
@@ -51,3 +51,20 @@ def test_default_instruction_set_matches_oracle():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              f"{__file__}::test_matches_oracle"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [(270, 260), (350, 300)], ids=["one-full-block", "two-blocks"])
+def test_wide_band_over_many_tiles_matches_oracle(dtype, window):
+    """A tile's band as one block of almost 640 keys (the most one block holds), or wider and split in
+    two blocks, over sequences of dozens of tiles, so the forward's ring of packed key panels wraps many
+    times and a stale panel would be read; with dilation (strided key sequences), globals inside the
+    band and padding."""
+    case = Case(batch=2, heads=2, seqlen=2600, dim=64, window=window, dilation=[1, 3], globals="many",
+                padding=True, dtype=dtype, seed=11)
+    q, k, v, kwargs = make_inputs(case)
+    with torch.no_grad():
+        out = longformer_attention(q, k, v, case.window, **kwargs)
+        copies, oracle_kwargs = _oracle_inputs([q, k, v], kwargs)
+        expected = dense_attention(*copies[:3], case.window, **oracle_kwargs)
+    assert_close_to_oracle(out, expected, dtype, "output")

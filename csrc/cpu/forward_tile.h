@@ -44,8 +44,8 @@ class KeyPanels {
 
   Positions sequence() const { return seq_; }
 
-  // Panel p. The ring holds capacity_ panels, more than one block of keys spans, so the panels
-  // of one block never evict each other.
+  // Panel p, valid until the next call. Every slot is checked by its tag, so any ring size is
+  // correct; capacity_ exceeds the panels one block spans, so no panel is packed twice per block.
   const acc* panel(int64_t p) {
     const int64_t slot = p % capacity_;
     acc* dst = data_.get() + slot * W * dim_;

@@ -25,7 +25,9 @@ inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMa
 
 constexpr int kMicroRows = 6;  // MR: query rows per micro-kernel call
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(LONGFORMER_CPU_VECTOR_BYTES)  // a test build: e.g. AVX-512's layout on an AVX2 machine
+constexpr int kVectorBytes = LONGFORMER_CPU_VECTOR_BYTES;
+#elif defined(CPU_CAPABILITY_AVX512)
 constexpr int kVectorBytes = 64;
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr int kVectorBytes = 32;
