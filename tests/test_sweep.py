@@ -57,11 +57,12 @@ def test_default_instruction_set_matches_oracle():
 @pytest.mark.parametrize("window", [(270, 260), (350, 300)], ids=["one-full-block", "two-blocks"])
 def test_wide_band_over_many_tiles_matches_oracle(dtype, window):
     """A tile's band as one block of almost 640 keys (the most one block holds), or wider and split in
-    two blocks, over sequences of dozens of tiles, so the forward's ring of packed key panels wraps many
-    times and a stale panel would be read; with dilation (strided key sequences), globals inside the
-    band and padding."""
+    two blocks, over sequences of dozens of tiles, so the forward's ring of packed key panels wraps and
+    its window of value rows (heads split from one projection are not back to back) slides many times;
+    a stale panel or a misplaced row would be read. With dilation (strided key sequences) and globals
+    inside the band; no padding, which would hide the sequence's tail."""
     case = Case(batch=2, heads=2, seqlen=2600, dim=64, window=window, dilation=[1, 3], globals="many",
-                padding=True, dtype=dtype, seed=11)
+                dtype=dtype, layout="head_split", seed=11)
     q, k, v, kwargs = make_inputs(case)
     with torch.no_grad():
         out = longformer_attention(q, k, v, case.window, **kwargs)

@@ -11,6 +11,16 @@
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
+// Asks for rows a tile ahead: heads split from one [N, H * D] projection put a head's rows a whole
+// token apart, a stride the hardware prefetchers do not follow across pages.
+template <typename T>
+void prefetch_rows(const T* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
+  for (int64_t r = 0; r < count; ++r) {
+    const T* row = head + pos[r] * stride_n;
+    for (int64_t d = 0; d < dim; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + d);
+  }
+}
+
 template <typename scalar_t>
 void banded_attention_forward(const AttentionParams& p) {
   using acc = acc_type<scalar_t>;
@@ -21,7 +31,7 @@ void banded_attention_forward(const AttentionParams& p) {
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
     ForwardTile<acc> query(D);
-    KeyPanels<scalar_t> band_keys(D), global_keys(D);
+    KeysAndValues<scalar_t> band(D), global(D);
     Scratch<acc> bias(kBlockLimit), row_out(D);
 
     for (int64_t t = first; t < last; ++t) {
@@ -33,11 +43,18 @@ void banded_attention_forward(const AttentionParams& p) {
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
       const Positions qpos = tile.rows(tile.begin);
       query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
+      // What the next tile of this band reads first: its queries and the keys it adds to the band.
+      const int64_t next_rows = std::min(kRowTile, tile.length - tile.end);
+      const int64_t next_key = std::min(tile.length, tile.end + right);
+      const int64_t next_keys = std::min(kRowTile, tile.length - next_key);
+      prefetch_rows(qh, p.q.stride_n, tile.rows(tile.end), next_rows, D);
+      prefetch_rows(kh, p.k.stride_n, tile.rows(next_key), next_keys, D);
+      prefetch_rows(vh, p.v.stride_n, tile.rows(next_key), next_keys, D);
 
       // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
       const int64_t key_begin = std::max<int64_t>(0, tile.begin - left);
       const int64_t key_end = std::min(tile.length, tile.end + right);
-      band_keys.select(kh, p.k.stride_n, tile.rows(0), tile.length);
+      band.select(kh, p.k.stride_n, vh, p.v.stride_n, tile.rows(0), tile.length);
       for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         const Positions kpos = tile.rows(c0);
@@ -51,19 +68,19 @@ void banded_attention_forward(const AttentionParams& p) {
           query.lo()[r] = tile.begin + r - left - c0;
           query.hi()[r] = tile.begin + r + right + 1 - c0;
         }
-        query.attend(band_keys, c0, keys, vh, p.v.stride_n, all_local ? nullptr : bias.get());
+        query.attend(band, c0, keys, all_local ? nullptr : bias.get());
       });
 
       // Global keys, seen by every local query (only those at or before it when causal).
       const std::vector<int64_t>& g = globals[tile.b];
-      global_keys.select(kh, p.k.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()));
+      global.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()));
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
         const int64_t keys = g1 - g0;
         for (int64_t r = 0; r < rows; ++r) {
           query.lo()[r] = 0;
           query.hi()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
         }
-        query.attend(global_keys, g0, keys, vh, p.v.stride_n, nullptr);
+        query.attend(global, g0, keys, nullptr);
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);

@@ -1,4 +1,5 @@
-// The query tile of both fused forwards (band rows and global rows) and the packed keys it reads.
+// The query tile of both fused forwards (band rows and global rows) and the keys and values it
+// reads.
 //
 // ForwardTile holds a tile's queries, pre-scaled, and its running online softmax (unnormalised
 // output o, row maxima m, row sums l). `attend` takes one block of keys; row r sees only the keys
@@ -10,6 +11,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "micro_kernels.h"
 #include "tile_math.h"
@@ -42,8 +45,6 @@ class KeyPanels {
     std::fill(tags_.get(), tags_.get() + capacity_, int64_t(-1));
   }
 
-  Positions sequence() const { return seq_; }
-
   // Panel p, valid until the next call. Every slot is checked by its tag, so any ring size is
   // correct; capacity_ exceeds the panels one block spans, so no panel is packed twice per block.
   const acc* panel(int64_t p) {
@@ -73,12 +74,77 @@ class KeyPanels {
   Positions seq_;
 };
 
+// The values of one key sequence as back-to-back rows in the accumulation dtype, which p.v steps
+// through row by row: the input itself where its rows already lie so, else a sliding window of
+// converted copies, each row copied once per band rather than once per tile. Rows a whole token
+// apart (heads split from one [N, H * D] projection) or strided by dilation would otherwise cost
+// p.v a TLB miss per row.
+template <typename scalar_t>
+class ValueRows {
+ public:
+  using acc = acc_type<scalar_t>;
+
+  explicit ValueRows(int64_t dim) : dim_(dim), capacity_(2 * kBlockLimit), data_(capacity_ * dim) {}
+
+  void select(const scalar_t* head, int64_t stride_n, Positions seq) {
+    if (head == head_ && stride_n == stride_n_ && seq == seq_) return;
+    head_ = head;
+    stride_n_ = stride_n;
+    seq_ = seq;
+    first_ = count_ = 0;
+  }
+
+  // Rows [c0, c0 + n) of the sequence (n <= kBlockLimit), back to back; valid until the next call.
+  const acc* rows(int64_t c0, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, acc>) {
+      if (!seq_.list && seq_.step * stride_n_ == dim_) return head_ + seq_[c0] * stride_n_;
+    }
+    if (c0 < first_ || c0 > first_ + count_) {  // not adjacent to the rows held: start afresh
+      first_ = c0;
+      count_ = 0;
+    } else if (c0 + n > first_ + capacity_) {  // slide the window forward to start at c0
+      count_ = first_ + count_ - c0;
+      std::memmove(data_.get(), data_.get() + (c0 - first_) * dim_, count_ * dim_ * sizeof(acc));
+      first_ = c0;
+    }
+    for (int64_t c = first_ + count_; c < c0 + n; ++c) {
+      const scalar_t* src = head_ + seq_[c] * stride_n_;
+      acc* dst = data_.get() + (c - first_) * dim_;
+      for (int64_t d = 0; d < dim_; ++d) dst[d] = static_cast<acc>(src[d]);
+    }
+    count_ = std::max(count_, c0 + n - first_);
+    return data_.get() + (c0 - first_) * dim_;
+  }
+
+ private:
+  int64_t dim_, capacity_;
+  Scratch<acc> data_;
+  const scalar_t* head_ = nullptr;
+  int64_t stride_n_ = 0, first_ = 0, count_ = 0;  // rows [first_, first_ + count_) are held
+  Positions seq_;
+};
+
+// One key sequence's keys (packed) and values (back to back), switched together.
+template <typename scalar_t>
+struct KeysAndValues {
+  KeyPanels<scalar_t> keys;
+  ValueRows<scalar_t> values;
+
+  explicit KeysAndValues(int64_t dim) : keys(dim), values(dim) {}
+
+  void select(const scalar_t* k_head, int64_t k_stride, const scalar_t* v_head, int64_t v_stride, Positions seq,
+              int64_t length) {
+    keys.select(k_head, k_stride, seq, length);
+    values.select(v_head, v_stride, seq);
+  }
+};
+
 template <typename acc>
 class ForwardTile {
  public:
   explicit ForwardTile(int64_t dim)
       : dim_(dim), q_(kRowTile * dim), o_(kRowTile * dim), m_(kRowTile), l_(kRowTile), lo_(kRowTile),
-        hi_(kRowTile), values_(kBlockLimit * dim), s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
+        hi_(kRowTile), s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
 
   // Begins a tile: queries pos[0, rows) of `head`, times `scale`; empty softmax state.
   template <typename scalar_t>
@@ -97,13 +163,12 @@ class ForwardTile {
   int64_t* lo() { return lo_.get(); }
   int64_t* hi() { return hi_.get(); }
 
-  // Attends the tile to the block of keys [c0, c0 + count) of `keys`' sequence, whose values are
-  // the same rows of v_head; bias[count] is 0 or -inf per key, or null for all 0.
+  // Attends the tile to the block of keys [c0, c0 + count) of the selected sequence; bias[count] is
+  // 0 or -inf per key, or null for all 0.
   template <typename scalar_t>
-  void attend(KeyPanels<scalar_t>& keys, int64_t c0, int64_t count, const scalar_t* v_head, int64_t v_stride,
-              const acc* bias) {
+  void attend(KeysAndValues<scalar_t>& kv, int64_t c0, int64_t count, const acc* bias) {
     constexpr int64_t W = KeyPanels<scalar_t>::W;
-    const Rows<acc> v = rows_of(values_.get(), v_head, v_stride, keys.sequence().from(c0), count, dim_);
+    const acc* v = kv.values.rows(c0, count);
     // Scores are indexed from the block's first panel boundary, `shift` keys before c0.
     const int64_t panel0 = c0 / W, shift = c0 - panel0 * W;
     const int64_t lds = (shift + count + W - 1) / W * W;
@@ -126,12 +191,12 @@ class ForwardTile {
       with_micro_rows(group, [&](auto rows) {
         constexpr int MR = decltype(rows)::value;
         for (int64_t p0 = first / W * W; p0 < last; p0 += W) {
-          score_panel<MR>(q_.get() + r0 * dim_, dim_, keys.panel(panel0 + p0 / W), dim_, s + p0, lds);
+          score_panel<MR>(q_.get() + r0 * dim_, dim_, kv.keys.panel(panel0 + p0 / W), dim_, s + p0, lds);
         }
         for (int64_t r = 0; r < MR; ++r) {
           update_row(r0 + r, s + r * lds, lo[r], hi[r], first, last, bias, shift);
         }
-        pv_rows<MR>(s + shift, lds, first - shift, last - shift, v.data, v.ld, o, dim_, dim_);
+        pv_rows<MR>(s + shift, lds, first - shift, last - shift, v, dim_, o, dim_, dim_);
       });
     }
   }
@@ -179,7 +244,7 @@ class ForwardTile {
   int64_t dim_, rows_ = 0;
   Scratch<acc> q_, o_, m_, l_;
   Scratch<int64_t> lo_, hi_;
-  Scratch<acc> values_, s_;
+  Scratch<acc> s_;
 };
 
 }  // namespace CPU_CAPABILITY

@@ -48,7 +48,7 @@ void global_attention_forward(const AttentionParams& p) {
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
     ForwardTile<acc> query(D);
-    KeyPanels<scalar_t> keys_of_head(D);
+    KeysAndValues<scalar_t> head_keys(D);
     Scratch<acc> bias(kBlockLimit), row_out(D);
 
     for (int64_t t = first; t < last; ++t) {
@@ -62,11 +62,11 @@ void global_attention_forward(const AttentionParams& p) {
       query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
 
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
-      keys_of_head.select(kh, p.k.stride_n, Positions{0, 1}, p.seqlen);
+      head_keys.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1}, p.seqlen);
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), query.lo(), query.hi());
-        query.attend(keys_of_head, c0, keys, vh, p.v.stride_n, bias.get());
+        query.attend(head_keys, c0, keys, bias.get());
       });
 
       auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);

@@ -40,8 +40,6 @@ struct Positions {
   int64_t first = 0, step = 1;
   const int64_t* list = nullptr;
   int64_t operator[](int64_t r) const { return list ? list[r] : first + r * step; }
-  // The same sequence starting at its entry r.
-  Positions from(int64_t r) const { return list ? Positions{0, 1, list + r} : Positions{first + r * step, step}; }
   bool operator==(const Positions&) const = default;
 };
 
