@@ -107,12 +107,11 @@ class ValueRows {
       std::memmove(data_.get(), data_.get() + (c0 - first_) * dim_, count_ * dim_ * sizeof(acc));
       first_ = c0;
     }
-    for (int64_t c = first_ + count_; c < c0 + n; ++c) {
-      const scalar_t* src = head_ + seq_[c] * stride_n_;
-      acc* dst = data_.get() + (c - first_) * dim_;
-      for (int64_t d = 0; d < dim_; ++d) dst[d] = static_cast<acc>(src[d]);
+    const int64_t held_end = first_ + count_;
+    if (c0 + n > held_end) {
+      load_rows(data_.get() + count_ * dim_, head_, stride_n_, seq_.from(held_end), c0 + n - held_end, dim_);
+      count_ = c0 + n - first_;
     }
-    count_ = std::max(count_, c0 + n - first_);
     return data_.get() + (c0 - first_) * dim_;
   }
 
@@ -150,10 +149,8 @@ class ForwardTile {
   template <typename scalar_t>
   void start(const scalar_t* head, int64_t stride_n, Positions pos, int64_t rows, acc scale) {
     rows_ = rows;
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* src = head + pos[r] * stride_n;
-      for (int64_t c = 0; c < dim_; ++c) q_.get()[r * dim_ + c] = scale * static_cast<acc>(src[c]);
-    }
+    load_rows(q_.get(), head, stride_n, pos, rows, dim_);
+    for (int64_t i = 0; i < rows * dim_; ++i) q_.get()[i] *= scale;
     std::fill(o_.get(), o_.get() + rows * dim_, acc(0));
     std::fill(m_.get(), m_.get() + rows, neg_inf<acc>());
     std::fill(l_.get(), l_.get() + rows, acc(0));

@@ -1,5 +1,5 @@
 // Building blocks shared by the fused CPU kernels: tiles of rows (views of the input, or copies
-// in the accumulation dtype), row max and exp, and for the backward score tiles from one GEMM,
+// in the accumulation dtype), exp, and for the backward score tiles from one GEMM,
 // interval masks and the update of one (query rows x key block) tile. The forward's tile, on
 // its own micro-kernels, is in forward_tile.h.
 //
@@ -40,6 +40,8 @@ struct Positions {
   int64_t first = 0, step = 1;
   const int64_t* list = nullptr;
   int64_t operator[](int64_t r) const { return list ? list[r] : first + r * step; }
+  // The same sequence starting at its entry r.
+  Positions from(int64_t r) const { return list ? Positions{0, 1, list + r} : Positions{first + r * step, step}; }
   bool operator==(const Positions&) const = default;
 };
 
