@@ -3,6 +3,7 @@
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from transformers.models.longformer.modeling_longformer import (  # noqa: E402
 from longformer_ext.integrations import transformers as integration  # noqa: E402
 from longformer_ext.integrations.transformers import HFLongformerSelfAttention, patch  # noqa: E402
 
+# transformers 5 removed head masking; 4.57 applies it.
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
 VOCAB, PAD = 60, 1
 ATOL = RTOL = 1e-4
 
@@ -141,6 +144,11 @@ def test_longformer_head_mask_and_tuple_outputs():
     reference, patched = pair(LongformerModel, longformer_config())
     ids, kwargs = inputs("mixed")
     head_mask = torch.tensor([[1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 1.0, 1.0]])
+    if TF5:
+        # transformers 5 ignores a head mask; the patched model refuses it instead of dropping it.
+        with pytest.raises(ValueError, match="head_mask is not supported with transformers 5"):
+            patched(ids, head_mask=head_mask, **kwargs)
+        head_mask = None
     ref_out, ours_out = (m(ids, head_mask=head_mask, return_dict=False, output_hidden_states=True, **kwargs)
                          for m in (reference, patched))
     assert len(ref_out) == len(ours_out)
@@ -163,15 +171,12 @@ def _compare_attentions(ref_out, ours_out, kwargs, n, prefix=""):
         assert ref_global is None and ours_global is None
         return
     counts = (glob.bool() & real).sum(1)
+    assert counts.min() < counts.max()  # some rows have unused global slots
     for ref_att, our_att in zip(ref_global, ours_global):
         # Hugging Face leaves the key axis padded to the window; ours has the input's length.
         assert our_att.shape[:2] == ref_att.shape[:2] and our_att.shape[2] == n and our_att.shape[3] == ref_att.shape[3]
-        for b, count in enumerate(counts.tolist()):
-            keys = real[b]
-            torch.testing.assert_close(our_att[b, :, :n][:, keys, :count], ref_att[b, :, :n][:, keys, :count],
-                                       atol=ATOL, rtol=RTOL)
-            # Unused slots are 0 here (Hugging Face: uniform filler rows).
-            assert (our_att[b, :, :, count:] == 0).all()
+        # Every slot, the unused ones (Hugging Face's filler rows) included, at every key.
+        torch.testing.assert_close(our_att, ref_att[:, :, :n], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -245,7 +250,8 @@ def test_longformer_gradient_checkpointing():
     grads = []
     for model in (reference, patched):
         model.train()
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns until 6).
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         grads.append(_loss_and_grads(model, model(ids, **kwargs).last_hidden_state))
     assert_grads_close(*grads)
 
@@ -294,8 +300,14 @@ def test_led_conditional_generation_loss_attentions_and_gradients(kind):
 def test_led_greedy_generate(kind):
     ids, kwargs = inputs(kind)
     reference, patched = pair(LEDForConditionalGeneration, led_config(), seed=2)
-    generated = [m.generate(ids, max_new_tokens=8, do_sample=False, num_beams=1, **kwargs) for m in (reference, patched)]
-    assert torch.equal(generated[1], generated[0])
+    # A random LED emits EOS at once: min_new_tokens makes every one of the 8 steps count.
+    generated = [m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=1,
+                            output_scores=True, return_dict_in_generate=True, **kwargs) for m in (reference, patched)]
+    assert generated[0].sequences.shape[1] >= 8
+    assert torch.equal(generated[1].sequences, generated[0].sequences)
+    assert len(generated[1].scores) == len(generated[0].scores) == 8
+    for ours, ref in zip(generated[1].scores, generated[0].scores):
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,12 +343,84 @@ def test_patch_rejects_other_models_and_versions(monkeypatch):
     # The module object `import transformers` returns now (transformers' lazy module may have
     # replaced the one importorskip returned).
     installed = sys.modules["transformers"]
-    monkeypatch.setattr(installed, "__version__", "4.58.0")
-    with pytest.raises(RuntimeError, match="4.57"):
+    for refused in ("4.58.0", "4.56.2", "6.0.0", "6.1.0.dev0"):
+        monkeypatch.setattr(installed, "__version__", refused)
+        with pytest.raises(RuntimeError, match="supports transformers 4.57.x and 5.x"):
+            patch(LongformerModel(longformer_config()))
+    monkeypatch.setattr(installed, "__version__", "5.99.0")
+    with pytest.warns(UserWarning, match="5.99.0 is newer"):
         patch(LongformerModel(longformer_config()))
-    monkeypatch.setattr(installed, "__version__", "4.56.2")
-    with pytest.raises(RuntimeError, match="supports transformers"):
-        patch(LongformerModel(longformer_config()))
+    for tested in integration.TESTED_TRANSFORMERS + ("4.57.1", "5.0.0", "5.24.2"):
+        monkeypatch.setattr(installed, "__version__", tested)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            patch(LongformerModel(longformer_config()))
+
+
+def test_patch_refuses_layers_it_does_not_match(monkeypatch):
+    """A release whose layers lost an argument the layer loop passes is refused before anything
+    is replaced, naming what is missing."""
+    model = LongformerForSequenceClassification(longformer_config())
+    layer_class = type(model.longformer.encoder.layer[0])
+
+    def forward(self, hidden_states, attention_mask=None, is_index_masked=None, output_attentions=False):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(layer_class, "forward", forward)
+    with pytest.raises(RuntimeError, match="takes no is_index_global_attn, is_global_attn"):
+        patch(model)
+    assert not isinstance(model.longformer.encoder.layer[0].attention.self, HFLongformerSelfAttention)
+    assert "forward" not in vars(model.longformer)  # nothing replaced
+    monkeypatch.undo()
+
+    led = LEDModel(led_config())
+    del led.encoder.layers[1].self_attn.longformer_self_attn.key_global
+    with pytest.raises(RuntimeError, match="LEDEncoderSelfAttention \\(layer 1\\) has no key_global"):
+        patch(led)
+
+
+@pytest.mark.skipif(not TF5, reason="transformers 4.57 applies head masks")
+def test_head_masks_refused_through_task_heads_on_transformers_5():
+    """transformers 5's task heads accept a head mask and drop it; patched ones refuse it."""
+    ids, kwargs = inputs("mixed")
+    head_mask = torch.ones(2, 4)
+    _, classifier = pair(LongformerForSequenceClassification, longformer_config())
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        classifier(ids, head_mask=head_mask, **kwargs)
+    copied = copy.deepcopy(classifier)  # the refusal is a bound method: it follows the copy
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        copied(ids, head_mask=head_mask, **kwargs)
+    torch.testing.assert_close(copied(ids, **kwargs).logits, classifier(ids, **kwargs).logits)
+    _, led = pair(LEDForConditionalGeneration, led_config())
+    for name in ("head_mask", "decoder_head_mask", "cross_attn_head_mask"):
+        with pytest.raises(ValueError, match=f"{name} is not supported"):
+            led(ids, decoder_input_ids=ids[:, :4], **{name: head_mask}, **kwargs)
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        led.get_encoder()(ids, head_mask=head_mask, **kwargs)
+
+
+def test_layer_attention_probabilities_match_hugging_face():
+    """The layer-level call Hugging Face's own test_layer_attn_probs makes: additive masks with a
+    token that is both global and padding, rows with different global counts. Outputs, local and
+    global attentions (filler slots of rows with fewer global tokens included) match the HF core."""
+    config = longformer_config(attention_window=[4, 4])
+    torch.manual_seed(0)
+    hf_core = HFLongformerSelfAttentionCore(config, layer_id=0).eval()
+    ours = HFLongformerSelfAttention.from_hf(hf_core)
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(5))
+    additive = torch.zeros(2, 8)
+    additive[0, -3:] = 10000.0
+    additive[0, -1:] = -10000.0  # global and padding: padding wins
+    additive[1, 2:] = 10000.0
+    call = dict(attention_mask=additive, is_index_masked=additive < 0, is_index_global_attn=additive > 0,
+                is_global_attn=True, output_attentions=True)
+    ref, got = hf_core(x, **call), ours(x, **call)
+    real = additive >= 0
+    torch.testing.assert_close(got[0][real], ref[0][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-5)
+    assert got[2].shape == ref[2].shape == (2, 4, 6, 8)
+    torch.testing.assert_close(got[2], ref[2], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2].sum(-1), torch.ones(2, 4, 6))  # filler rows sum to 1 as well
 
 
 def test_installed_transformers_is_supported():

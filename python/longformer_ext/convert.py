@@ -66,7 +66,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as exc:  # transformers is optional for the rest of the package
-        raise ImportError("longformer_ext.convert needs `transformers` (pip install 'transformers>=4.45,<5')") from exc
+        raise ImportError("longformer_ext.convert needs `transformers` (pip install 'transformers>=4.57,<6')") from exc
     return transformers
 
 
@@ -456,7 +456,9 @@ def load_long_model(path, *, patch: bool = True, model_class=None, **from_pretra
             the plain Hugging Face model.
         model_class: a ``transformers`` class to load with; default: the config's first
             ``architectures`` entry (Longformer or LED classes only).
-        **from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``torch_dtype``).
+        **from_pretrained_kwargs: passed to ``from_pretrained`` (e.g. ``dtype``). transformers 5
+            loads a checkpoint in the dtype it was saved in (4.57: float32 unless asked); pass
+            ``dtype=torch.float32`` for float32 weights either way.
     """
     tf = _transformers()
     if model_class is None:
@@ -465,7 +467,11 @@ def load_long_model(path, *, patch: bool = True, model_class=None, **from_pretra
         if not architectures or architectures[0] not in _LONG_ARCHITECTURES:
             raise ValueError(f"{path}: config architectures {architectures} is not one of {_LONG_ARCHITECTURES}; "
                              "pass model_class= to choose the class")
-        model_class = getattr(tf, architectures[0])
+        model_class = getattr(tf, architectures[0], None)
+        if model_class is None:
+            raise ValueError(f"{path}: its architecture {architectures[0]} does not exist in the installed transformers "
+                             f"{tf.__version__} (LEDForSequenceClassification was removed in transformers 5); pass "
+                             "model_class= to load it with another class, e.g. transformers.LEDModel")
     model = model_class.from_pretrained(path, **from_pretrained_kwargs)
     if patch:
         from .integrations.transformers import patch as patch_model

@@ -19,19 +19,27 @@ Masks follow Hugging Face's model-level convention: ``attention_mask`` 1 = real,
 ``global_attention_mask`` 1 = global. (Hugging Face's legacy merged ``attention_mask`` with 2 = global
 is not read as global: give ``global_attention_mask``; reading it would cost a host sync.) Outputs have Hugging Face's types and shapes; with ``output_attentions=True``,
 ``attentions[l]`` is ``[B, H, N, x + attention_window + 1]`` (``x`` = most global tokens in a row)
-in Hugging Face's layout and ``global_attentions[l]`` is ``[B, H, N, x]``. Differences: nothing is
-padded, so sequence axes have the input's length (unpatched Hugging Face leaves ``global_attentions``
-padded), and the unused global slots of rows with fewer than ``x`` global tokens hold 0 in
-``global_attentions`` (Hugging Face fills them with a uniform filler row).
+in Hugging Face's layout and ``global_attentions[l]`` is ``[B, H, N, x]``, with Hugging Face's values
+everywhere, the filler rows of unused global slots (rows with fewer than ``x`` global tokens)
+included. One difference: nothing is padded, so sequence axes have the input's length (unpatched
+Hugging Face leaves ``global_attentions`` padded to the window).
 
 Attention dropout (``attention_probs_dropout_prob``, LED's ``attention_dropout``) is applied in
-training through the module's unfused path; ``head_mask`` is applied exactly.
+training through the module's unfused path. ``head_mask`` is applied exactly on transformers 4.57;
+transformers 5 removed head masking (its models accept and ignore the argument), so there the
+patched model raises ``ValueError`` for one instead of dropping it.
 
-Supported ``transformers`` versions: ``SUPPORTED_TRANSFORMERS`` (the range the tests run against);
-``patch`` raises for others because it replaces methods whose signatures it must match.
+Supported ``transformers`` versions: 4.57.x and 5.x (``SUPPORTED_TRANSFORMERS``; CI runs the parity
+tests under ``TESTED_TRANSFORMERS``). ``patch`` raises for other versions, warns for a 5.x newer than
+the newest tested one, and before replacing anything checks that the model's layers take the
+arguments and hold the attributes it relies on (what differs between versions, whether layers take
+``layer_head_mask``, is decided there, once, not per call).
 """
 
+import functools
+import inspect
 import types
+import warnings
 from typing import Optional
 
 import torch
@@ -39,28 +47,40 @@ from torch import Tensor, nn
 
 from ..nn import LongformerSelfAttention
 
-__all__ = ["HFLongformerSelfAttention", "SUPPORTED_TRANSFORMERS", "patch"]
+__all__ = ["HFLongformerSelfAttention", "SUPPORTED_TRANSFORMERS", "TESTED_TRANSFORMERS", "patch"]
 
-SUPPORTED_TRANSFORMERS = (">=4.57", "<4.58")
-_SUPPORTED_RANGE = ("4.57", "4.58")
+SUPPORTED_TRANSFORMERS = ("4.57.x", "5.x")
+# The releases CI runs the parity tests against; a 5.x newer than the last one here warns.
+TESTED_TRANSFORMERS = ("4.57.6", "5.24.0")
 
 
 def _check_transformers_version():
+    """Refuses a transformers release whose Longformer/LED classes we have not matched (below
+    4.57, 4.58+ of 4.x, 6.x and later); warns for a 5.x newer than the newest tested one (the
+    structural check in ``patch`` still refuses one whose layers changed)."""
     try:
         import transformers
     except ImportError as exc:
-        raise ImportError("longformer_ext.integrations.transformers.patch needs `transformers` "
-                          f"({','.join(SUPPORTED_TRANSFORMERS)})") from exc
+        raise ImportError("longformer_ext.integrations.transformers.patch needs `transformers` 4.57.x or 5.x "
+                          "(pip install 'transformers>=4.57,<6')") from exc
     from packaging.version import Version
 
-    version = Version(Version(transformers.__version__).base_version)
-    low, high = (Version(v) for v in _SUPPORTED_RANGE)
-    if not low <= version < high:
-        raise RuntimeError(
-            f"longformer_ext.integrations.transformers.patch supports transformers {','.join(SUPPORTED_TRANSFORMERS)} "
-            f"(the versions it is tested against), but {transformers.__version__} is installed. It replaces "
-            "methods of Hugging Face's Longformer/LED classes and must match their signatures; install a "
-            "supported version, e.g. `pip install transformers==4.57.6`")
+    installed = Version(transformers.__version__)
+    major, minor = installed.major, installed.minor
+    if (major, minor) == (4, 57) or major == 5:
+        newest = Version(TESTED_TRANSFORMERS[-1])
+        if major == 5 and minor > newest.minor:
+            warnings.warn(
+                f"longformer_ext.integrations.transformers.patch is tested with transformers "
+                f"{', '.join(TESTED_TRANSFORMERS)}; {transformers.__version__} is newer. The layers it patches "
+                "passed the structural check, but parity with the unpatched model is not verified.",
+                UserWarning, stacklevel=3)
+        return
+    raise RuntimeError(
+        f"longformer_ext.integrations.transformers.patch supports transformers 4.57.x and 5.x (tested: "
+        f"{', '.join(TESTED_TRANSFORMERS)}), but {transformers.__version__} is installed. It replaces methods "
+        "of Hugging Face's Longformer/LED classes and must match their signatures; install a supported "
+        "version, e.g. `pip install 'transformers>=4.57,<6'`")
 
 
 class HFLongformerSelfAttention(LongformerSelfAttention):
@@ -109,7 +129,23 @@ class HFLongformerSelfAttention(LongformerSelfAttention):
         local_probs = torch.cat([probs.global_keys, probs.band], dim=-1).transpose(1, 2)
         if is_global_attn is None:
             is_global_attn = probs.global_index.shape[1] > 0
-        return (out, local_probs, probs.global_rows) if is_global_attn else (out, local_probs)
+        if not is_global_attn:
+            return out, local_probs
+        return out, local_probs, _with_hf_filler_rows(probs.global_rows, probs.global_index >= 0, layer_head_mask,
+                                                      hidden_states.shape[1])
+
+
+def _with_hf_filler_rows(global_rows: Tensor, slot_used: Tensor, head_mask: Optional[Tensor], n_keys: int) -> Tensor:
+    """``global_rows`` ``[B, H, x, N]`` with Hugging Face's values in the slots a row does not use.
+
+    A row with fewer than ``x`` global tokens has unused slots; Hugging Face computes them as a
+    softmax over scores that are all ``finfo.min``, padding keys included: ``1 / n_keys`` at every
+    key (times the head mask on 4.x). They never reach an output; its own tests check them.
+    """
+    filler = global_rows.new_full((1, 1, 1, 1), 1.0 / max(n_keys, 1))
+    if head_mask is not None:
+        filler = filler * head_mask.to(global_rows.dtype).view(1, -1, 1, 1)
+    return torch.where(slot_used[:, None, :, None], global_rows, filler)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,14 +187,17 @@ def _global_flag(is_index_global_attn: Optional[Tensor], output_attentions: bool
 
 def _longformer_model_forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, head_mask=None,
                               token_type_ids=None, position_ids=None, inputs_embeds=None, output_attentions=None,
-                              output_hidden_states=None, return_dict=None):
-    """``LongformerModel.forward`` without padding to the window and with boolean role masks."""
+                              output_hidden_states=None, return_dict=None, **kwargs):
+    """``LongformerModel.forward`` without padding to the window and with boolean role masks.
+
+    Other keyword arguments are ignored, as transformers 5's own forward ignores them.
+    """
     from transformers.models.longformer.modeling_longformer import LongformerBaseModelOutputWithPooling
 
     config = self.config
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    return_dict = config.use_return_dict if return_dict is None else return_dict
+    return_dict = _return_dict_default(config) if return_dict is None else return_dict
 
     if input_ids is not None and inputs_embeds is not None:
         raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
@@ -179,7 +218,8 @@ def _longformer_model_forward(self, input_ids=None, attention_mask=None, global_
                                        inputs_embeds=inputs_embeds)
     encoder_outputs = self.encoder(embedding_output, head_mask=head_mask, output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states, return_dict=return_dict,
-                                   is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn)
+                                   is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn,
+                                   hf_length=_hf_padded_length(config, input_shape[1]))
     sequence_output = encoder_outputs[0]
     pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
     if not return_dict:
@@ -189,17 +229,25 @@ def _longformer_model_forward(self, input_ids=None, attention_mask=None, global_
         attentions=encoder_outputs.attentions, global_attentions=encoder_outputs.global_attentions)
 
 
-def _run_layers(layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
-                output_attentions, output_hidden_states, layerdrop=0.0):
+def _run_layers(encoder, layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+                output_attentions, output_hidden_states, layerdrop=0.0, hf_length=None):
     """The layer loop shared by the patched Longformer and LED encoders: roles instead of additive
     masks, attentions in Hugging Face's layout. A layer dropped by LayerDrop contributes no attentions.
+    ``hf_length`` is the length Hugging Face would have padded the input to (it sets the filler of
+    unused global-attention slots, see ``_with_hf_filler_rows``); None = the input's length.
 
     Returns (hidden_states, all_hidden_states, all_attentions, all_global_attentions); the last three
     are None when not asked for.
     """
-    if head_mask is not None and head_mask.size(0) != len(layers):
-        raise ValueError(f"The head_mask should be specified for {len(layers)} layers, but it is for "
-                         f"{head_mask.size(0)}.")
+    if head_mask is not None:
+        if not encoder._longformer_ext_head_mask:
+            raise ValueError("head_mask is not supported with transformers 5: it removed head masking from "
+                             "Longformer and LED (the unpatched model ignores the argument); drop it, or mask "
+                             "heads by zeroing their rows of the output projection")
+        if head_mask.size(0) != len(layers):
+            raise ValueError(f"The head_mask should be specified for {len(layers)} layers, but it is for "
+                             f"{head_mask.size(0)}.")
+    head_mask_arg = {}
     all_hidden_states = () if output_hidden_states else None
     all_attentions = () if output_attentions else None
     all_global_attentions = () if (output_attentions and is_global_attn) else None
@@ -208,27 +256,48 @@ def _run_layers(layers, hidden_states, head_mask, is_index_masked, is_index_glob
             all_hidden_states = all_hidden_states + (hidden_states,)
         if layerdrop > 0 and bool(torch.rand([]) < layerdrop):
             continue
-        layer_outputs = layer(hidden_states, attention_mask=None,
-                              layer_head_mask=head_mask[idx] if head_mask is not None else None,
-                              is_index_masked=is_index_masked, is_index_global_attn=is_index_global_attn,
-                              is_global_attn=is_global_attn, output_attentions=output_attentions)
+        if encoder._longformer_ext_head_mask:  # decided at patch time: 4.x layers take layer_head_mask
+            head_mask_arg = dict(layer_head_mask=head_mask[idx] if head_mask is not None else None)
+        layer_outputs = layer(hidden_states, attention_mask=None, is_index_masked=is_index_masked,
+                              is_index_global_attn=is_index_global_attn, is_global_attn=is_global_attn,
+                              output_attentions=output_attentions, **head_mask_arg)
         hidden_states = layer_outputs[0]
         if output_attentions:
             all_attentions = all_attentions + (layer_outputs[1].transpose(1, 2),)
             if is_global_attn:
-                all_global_attentions = all_global_attentions + (layer_outputs[2].transpose(2, 3),)
+                global_rows = layer_outputs[2]
+                if hf_length is not None and hf_length != global_rows.shape[-1]:
+                    slots = torch.arange(global_rows.shape[2], device=global_rows.device)
+                    slot_used = slots[None, :] < is_index_global_attn.sum(1)[:, None]
+                    global_rows = _with_hf_filler_rows(global_rows, slot_used, head_mask_arg.get("layer_head_mask"),
+                                                       hf_length)
+                all_global_attentions = all_global_attentions + (global_rows.transpose(2, 3),)
     if output_hidden_states:
         all_hidden_states = all_hidden_states + (hidden_states,)
     return hidden_states, all_hidden_states, all_attentions, all_global_attentions
 
 
-def _longformer_encoder_forward(self, hidden_states, attention_mask=None, head_mask=None, padding_len=0,
-                                output_attentions=False, output_hidden_states=False, return_dict=True, *,
-                                is_index_masked=None, is_index_global_attn=None):
+def _hf_padded_length(config, n: int) -> int:
+    """The length Hugging Face's Longformer / LED pad an input of length ``n`` to (a multiple of the
+    largest ``attention_window``)."""
+    window = config.attention_window
+    window = window if isinstance(window, int) else max(window)
+    return n + (window - n % window) % window
+
+
+def _return_dict_default(config) -> bool:
+    """``config.use_return_dict`` without its transformers-5 deprecation warning (same definition)."""
+    return config.return_dict and not getattr(config, "torchscript", False)
+
+
+def _longformer_encoder_forward(self, hidden_states, attention_mask=None, *, head_mask=None, padding_len=0,
+                                output_attentions=False, output_hidden_states=False, return_dict=True,
+                                is_index_masked=None, is_index_global_attn=None, hf_length=None):
     """``LongformerEncoder.forward`` without the host sync (``.item()``) on the global mask.
 
     Takes boolean roles (``is_index_masked``, ``is_index_global_attn``) or, as Hugging Face's, an
-    additive ``attention_mask`` whose sign gives them.
+    additive ``attention_mask`` whose sign gives them. Arguments after ``attention_mask`` are
+    keyword-only: their order differs between transformers 4.57 and 5.
     """
     from transformers.models.longformer.modeling_longformer import LongformerBaseModelOutput
 
@@ -236,8 +305,8 @@ def _longformer_encoder_forward(self, hidden_states, attention_mask=None, head_m
         is_index_masked, is_index_global_attn = attention_mask < 0, attention_mask > 0
     is_global_attn = _global_flag(is_index_global_attn, output_attentions)
     hidden_states, all_hidden_states, all_attentions, all_global_attentions = _run_layers(
-        self.layer, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
-        output_attentions, output_hidden_states)
+        self, self.layer, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+        output_attentions, output_hidden_states, hf_length=hf_length)
 
     if padding_len:  # only when a caller padded on its own; the patched model never does
         n = hidden_states.shape[1] - padding_len
@@ -258,6 +327,7 @@ def _patch_longformer_model(model) -> None:
     for layer in model.encoder.layer:
         if not isinstance(layer.attention.self, HFLongformerSelfAttention):
             layer.attention.self = HFLongformerSelfAttention.from_hf(layer.attention.self)
+    model.encoder._longformer_ext_head_mask = _layer_takes_head_mask(model.encoder.layer)
     model.forward = types.MethodType(_longformer_model_forward, model)
     model.encoder.forward = types.MethodType(_longformer_encoder_forward, model.encoder)
 
@@ -267,14 +337,18 @@ def _patch_longformer_model(model) -> None:
 
 
 def _led_encoder_forward(self, input_ids=None, attention_mask=None, global_attention_mask=None, head_mask=None,
-                         inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None):
-    """``LEDEncoder.forward`` without padding to the window and without the ``.item()`` host sync."""
+                         inputs_embeds=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                         **kwargs):
+    """``LEDEncoder.forward`` without padding to the window and without the ``.item()`` host sync.
+
+    Other keyword arguments are ignored, as transformers 5's own forward ignores them.
+    """
     from transformers.models.led.modeling_led import LEDEncoderBaseModelOutput
 
     config = self.config
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-    return_dict = config.use_return_dict if return_dict is None else return_dict
+    return_dict = _return_dict_default(config) if return_dict is None else return_dict
 
     if input_ids is not None and inputs_embeds is not None:
         raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
@@ -292,8 +366,8 @@ def _led_encoder_forward(self, input_ids=None, attention_mask=None, global_atten
     # LayerDrop: decided on the host, in training only (so eval stays free of host syncs).
     layerdrop = self.layerdrop if self.training else 0.0
     hidden_states, encoder_states, all_attentions, all_global_attentions = _run_layers(
-        self.layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
-        output_attentions, output_hidden_states, layerdrop)
+        self, self.layers, hidden_states, head_mask, is_index_masked, is_index_global_attn, is_global_attn,
+        output_attentions, output_hidden_states, layerdrop, hf_length=_hf_padded_length(config, inputs_embeds.shape[1]))
 
     if not return_dict:
         return tuple(v for v in (hidden_states, encoder_states, all_attentions, all_global_attentions) if v is not None)
@@ -306,10 +380,88 @@ def _patch_led_encoder(encoder) -> None:
         attention = layer.self_attn
         if not isinstance(attention.longformer_self_attn, HFLongformerSelfAttention):
             attention.longformer_self_attn = HFLongformerSelfAttention.from_hf(attention.longformer_self_attn)
+    encoder._longformer_ext_head_mask = _layer_takes_head_mask(encoder.layers)
     encoder.forward = types.MethodType(_led_encoder_forward, encoder)
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------
+# What the patch relies on, checked before anything is replaced
+
+
+# The layer arguments the patched layer loop passes (transformers 4.57 also takes layer_head_mask).
+_LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "is_index_masked", "is_index_global_attn", "is_global_attn",
+                    "output_attentions")
+# What HFLongformerSelfAttention.from_hf reads from Hugging Face's self-attention core.
+_CORE_ATTRIBUTES = ("query", "key", "value", "query_global", "key_global", "value_global", "num_heads",
+                    "one_sided_attn_window_size", "dropout", "layer_id")
+_LONGFORMER_ATTRIBUTES = ("config", "embeddings", "encoder", "pooler", "warn_if_padding_and_no_attention_mask")
+_LED_ENCODER_ATTRIBUTES = ("config", "embed_tokens", "embed_positions", "layernorm_embedding", "dropout", "layerdrop",
+                           "layers")
+# Head-mask arguments of the models' forwards; transformers 5 accepts and ignores them.
+_HEAD_MASK_ARGUMENTS = ("head_mask", "decoder_head_mask", "cross_attn_head_mask")
+
+
+def _layer_parameters(layer) -> set:
+    # transformers 5 wraps layer forwards with functools.wraps; signature() follows __wrapped__.
+    return set(inspect.signature(layer.forward).parameters)
+
+
+def _layer_takes_head_mask(layers) -> bool:
+    return all("layer_head_mask" in _layer_parameters(layer) for layer in layers)
+
+
+def _structure_problems(target) -> list:
+    """What ``target`` (a LongformerModel or LEDEncoder) lacks of what the patch uses, as messages."""
+    from transformers.models.longformer.modeling_longformer import LongformerModel
+
+    name = type(target).__name__
+    if isinstance(target, LongformerModel):
+        attributes, layers = _LONGFORMER_ATTRIBUTES, getattr(getattr(target, "encoder", None), "layer", None)
+        core_of = lambda layer: getattr(getattr(layer, "attention", None), "self", None)  # noqa: E731
+    else:
+        attributes, layers = _LED_ENCODER_ATTRIBUTES, getattr(target, "layers", None)
+        core_of = lambda layer: getattr(getattr(layer, "self_attn", None), "longformer_self_attn", None)  # noqa: E731
+    problems = [f"{name} has no attribute `{a}`" for a in attributes if not hasattr(target, a)]
+    if layers is None:
+        return problems + [f"{name} has no layer list"]
+    for index, layer in enumerate(layers):
+        missing = [a for a in _LAYER_ARGUMENTS if a not in _layer_parameters(layer)]
+        if missing:
+            problems.append(f"{type(layer).__name__}.forward (layer {index}) takes no {', '.join(missing)}")
+        core = core_of(layer)
+        if core is None:
+            problems.append(f"layer {index} ({type(layer).__name__}) has no Longformer self-attention core")
+            continue
+        missing = [a for a in _CORE_ATTRIBUTES if not hasattr(core, a)]
+        if missing:
+            problems.append(f"{type(core).__name__} (layer {index}) has no {', '.join(missing)}")
+    return problems
+
+
+def _forward_refusing_head_masks(self, *args, **kwargs):
+    for name in _HEAD_MASK_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name} is not supported with transformers 5: it removed head masking from "
+                             "Longformer and LED (the unpatched model ignores the argument); drop it")
+    return type(self).forward(self, *args, **kwargs)
+
+
+def _refuse_head_masks(model: nn.Module) -> None:
+    """Makes ``model.forward`` raise for a head mask: transformers 5's task heads accept one and
+    drop it before it reaches the patched encoder."""
+    if getattr(model.forward, "__func__", None) is not None and \
+            getattr(model.forward.__func__, "_longformer_ext_refuses_head_masks", False):
+        return
+    template = _forward_refusing_head_masks
+    forward = types.FunctionType(template.__code__, template.__globals__, template.__name__)
+    # A function of this model's class: generate() reads the class forward's signature through
+    # __wrapped__; a bound method (not a closure) is rebound to the copy by copy.deepcopy.
+    functools.update_wrapper(forward, type(model).forward)
+    forward._longformer_ext_refuses_head_masks = True
+    model.forward = types.MethodType(forward, model)
 
 
 def patch(model: nn.Module) -> nn.Module:
@@ -318,7 +470,8 @@ def patch(model: nn.Module) -> nn.Module:
     Patches, in place, every ``LongformerModel`` and ``LEDEncoder`` inside ``model`` (so the task
     heads, ``LEDModel`` and ``LEDForConditionalGeneration`` are covered; LED's decoder is left as it
     is). Weights are kept and shared (same ``nn.Linear`` modules, same parameter names). Patching
-    twice is harmless. Raises ``RuntimeError`` for an unsupported ``transformers`` version and
+    twice is harmless. Raises ``RuntimeError`` for an unsupported ``transformers`` version or when
+    the model's layers lack something the patch relies on (nothing is replaced then), and
     ``TypeError`` when ``model`` holds no Longformer or LED encoder.
     """
     _check_transformers_version()
@@ -331,9 +484,20 @@ def patch(model: nn.Module) -> nn.Module:
     if not targets:
         raise TypeError(f"patch() found no LongformerModel or LEDEncoder in {type(model).__name__}; it supports "
                         "transformers' Longformer models (LongformerModel, LongformerFor*) and LED models")
+    problems = [problem for target in targets for problem in _structure_problems(target)]
+    if problems:
+        import transformers
+
+        raise RuntimeError(f"patch() cannot patch {type(model).__name__} with transformers {transformers.__version__}: "
+                           + "; ".join(problems) + ". Nothing was changed.")
     for target in targets:
         if isinstance(target, LongformerModel):
             _patch_longformer_model(target)
         else:
             _patch_led_encoder(target)
+    # A patched LongformerModel / LEDEncoder refuses a head mask itself (in the layer loop).
+    heads_take_head_mask = all(_layer_takes_head_mask(t.layers if isinstance(t, LEDEncoder) else t.encoder.layer)
+                               for t in targets)
+    if not heads_take_head_mask and model not in targets:
+        _refuse_head_masks(model)
     return model
