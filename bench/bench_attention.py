@@ -1,6 +1,6 @@
 """Longformer attention on CPU: ours against what a user would pick instead, in one process, same inputs.
 
-Implementations (DESIGN.md section 6):
+Implementations (docs/design.md §6):
   ours   longformer_ext.longformer_attention (fused banded + global ops)
   hf     Hugging Face's LongformerSelfAttention core: its chunked band matmuls, global-key columns and
          global rows, called without the q/k/v projections (our inputs already are q, k, v)

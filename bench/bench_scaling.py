@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as ba  # noqa: E402  (inputs, implementations, measurement helpers)
-import scaling_table  # noqa: E402  (the markdown tables, shared with the README renderer)
+import scaling_table  # noqa: E402  (the markdown tables, shared with scaling_table.py)
 from longformer_ext import longformer_attention  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

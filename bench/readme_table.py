@@ -1,4 +1,4 @@
-"""Renders the compact README table from a bench_attention.py JSON file (default bench/results/attention.json)."""
+"""Renders a compact markdown table from a bench_attention.py JSON file (default bench/results/attention.json)."""
 
 import argparse
 import json

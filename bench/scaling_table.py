@@ -1,4 +1,5 @@
-"""Renders the compact README tables from a bench_scaling.py JSON file (default bench/out/scaling.json).
+"""Renders the compact tables of bench/README.md ("Results on CPU") from a bench_scaling.py JSON file
+(default bench/out/scaling.json).
 
     python bench/scaling_table.py [bench/out/scaling.json] [--full]
 

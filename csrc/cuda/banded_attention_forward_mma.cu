@@ -1,17 +1,17 @@
 // Fused banded attention forward on tensor cores (fp16 / bf16 in, fp32 softmax and accumulation):
-// the rows of LOCAL queries (DESIGN.md §2). A local query i of head h attends to its band keys
+// the rows of LOCAL queries (docs/design.md §2). A local query i of head h attends to its band keys
 // j = i + t * dilation[h], t in [-left, right], 0 <= j < N, that are real and local, plus every real
 // global key once; with causal no key j > i. Global and padding rows are left as the glue
 // initialised them (out 0, lse -inf), and so is a row that ends up with no key.
 //
 // Work decomposition. With dilation d, query i only meets band keys j = i (mod d): the dilated band
-// over N positions is d undilated bands over the strided subsequences r, r + d, r + 2d, ... (DESIGN.md
-// "dilation identity"). A thread block takes (batch b, head h, residue r < d, tile of 64 consecutive
-// rows s of subsequence r, i.e. positions r + s*d). Its band keys are subsequence indices
-// [s0 - left, s_last + right], processed in key tiles gathered into shared memory; then come tiles of
-// the gathered global keys (GlobalKeys), whose positions are arbitrary. Four warps hold 16 query rows
-// each. Per key tile a warp computes S = Q K^T with mma.sync m16n8k16 (K and V fragments through
-// ldmatrix, V with .trans), masks it (-inf, never NaN),
+// over N positions is d undilated bands over the strided subsequences r, r + d, r + 2d, ...
+// (docs/design.md §2.1, the dilation identity). A thread block takes (batch b, head h, residue r < d,
+// tile of 64 consecutive rows s of subsequence r, i.e. positions r + s*d). Its band keys are
+// subsequence indices [s0 - left, s_last + right], processed in key tiles gathered into shared
+// memory; then come tiles of the gathered global keys (GlobalKeys), whose positions are arbitrary.
+// Four warps hold 16 query rows each. Per key tile a warp computes S = Q K^T with mma.sync
+// m16n8k16 (K and V fragments through ldmatrix, V with .trans), masks it (-inf, never NaN),
 // updates a per-row online softmax (running max and sum in fp32, rows spread over lane quads), and
 // accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment.
 //

@@ -20,7 +20,7 @@ struct GlobalKeys {
   const int64_t* count = nullptr;
 };
 
-// Contract shared by the attention launchers (semantics: DESIGN.md §2, csrc/include/longformer/schemas.h):
+// Contract shared by the attention launchers (semantics: docs/design.md §2, csrc/include/longformer/schemas.h):
 // * forward: `out` arrives zero-filled and `lse` filled with -inf; the kernel writes the rows it
 //   computes (local rows for banded, global rows for global).
 // * backward: grad_q, grad_k, grad_v arrive zero-filled; `workspace` has the size the matching

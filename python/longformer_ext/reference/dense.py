@@ -1,5 +1,5 @@
 """The dense float64 oracle: builds the [B, H, N, N] set of allowed (query, key) pairs from the
-definition (DESIGN.md section 2) and runs a masked softmax. Returns float64."""
+definition (docs/design.md §2) and runs a masked softmax. Returns float64."""
 
 import torch
 
