@@ -8,76 +8,41 @@ GPU; it shows indexing, masking, barrier and fragment-layout bugs, not data race
 Environment: LONGFORMER_EMULATION_COUNT (cases, default 40), LONGFORMER_SEED.
 """
 
+import contextlib
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
-import longformer_ext
 from conftest import Case, assert_close_to_oracle, make_inputs
 from cuda_cases import HALF_TYPES, random_small_case, same_dtype_reference, small_cases
-from longformer_ext._args import check_attention_args
+from longformer_ext import longformer_attention
 from longformer_ext.reference import dense_attention
+from longformer_ext.testing import cuda_emulation, load_emulated_library
 
 COUNT = int(os.environ.get("LONGFORMER_EMULATION_COUNT", "40"))
 SEED = int(os.environ.get("LONGFORMER_SEED", "0"))
 
 
 def _load():
-    path = Path(os.environ.get("LONGFORMER_EMULATED_LIBRARY",
-                               Path(longformer_ext.__file__).parent / "_longformer_cuda_emulated.so"))
-    if not path.exists():
+    try:
+        load_emulated_library()
+    except RuntimeError as exc:
         if os.environ.get("LONGFORMER_REQUIRE_EMULATION") == "1":
-            pytest.fail(f"the host-emulated CUDA library {path} was not built")
-        pytest.skip(f"the host-emulated CUDA library {path} was not built (LONGFORMER_CUDA_EMULATION=OFF)")
-    torch.ops.load_library(str(path))
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
     return torch.ops.longformer_emulated
 
 
 emu = _load()
 
 
-class EmulatedAttention(torch.autograd.Function):
-    """longformer_attention composed of the emulated ops, forward and backward by hand."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, gq, gk, gv, left, right, dilation, am, gm, causal, scale):
-        out, lse = emu.banded_attn(q, k, v, left, right, dilation, am, gm, causal, scale)
-        ctx.banded = (out, lse)
-        ctx.args = (left, right, dilation, am, gm, causal, scale)
-        ctx.has_global = gm is not None
-        final = out
-        if gm is not None:
-            final, glse = emu.global_attn(gq, gk, gv, gm, am, causal, scale, out)
-            ctx.global_out = (final, glse)
-        ctx.save_for_backward(q, k, v, gq, gk, gv)
-        return final
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, gq, gk, gv = ctx.saved_tensors
-        left, right, dilation, am, gm, causal, scale = ctx.args
-        grad = grad.contiguous()
-        dgq = dgk = dgv = None
-        if ctx.has_global:
-            final, glse = ctx.global_out
-            dgq, dgk, dgv, grad = emu.global_attn_backward(grad, gq, gk, gv, final, glse, gm, am, causal, scale)
-        out, lse = ctx.banded
-        dq, dk, dv = emu.banded_attn_backward(grad, q, k, v, out, lse, left, right, dilation, am, gm, causal, scale)
-        return dq, dk, dv, dgq, dgk, dgv, *([None] * 7)
-
-
-def emulated_attention(q, k, v, window, *, dilation=1, attention_mask=None, global_attention_mask=None,
-                       global_q=None, global_k=None, global_v=None, causal=False, scale=None):
-    args = check_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q, global_k,
-                                global_v, causal, scale)
-    shared = global_q is None
-    out = EmulatedAttention.apply(q, k, v, q if shared else global_q, k if shared else global_k,
-                                  v if shared else global_v, args.window_left, args.window_right, args.dilation,
-                                  attention_mask, global_attention_mask, causal, args.scale)
-    return out
+def emulated_attention(q, k, v, window, **kwargs):
+    """``longformer_attention`` on the emulated CUDA kernels; its backward must run under
+    ``cuda_emulation()`` as well (the callers below hold it around the gradient calls)."""
+    with cuda_emulation():
+        return longformer_attention(q, k, v, window, **kwargs)
 
 
 def _tensors(q, k, v, kwargs):
@@ -99,7 +64,8 @@ def check_against_oracle(case, q, k, v, kwargs):
     copies, oracle_kwargs = _with(tensors, kwargs, lambda t: t.detach().double().requires_grad_())
     expected = dense_attention(*copies[:3], case.window, **oracle_kwargs)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed + 1)).to(case.dtype)
-    grads = torch.autograd.grad(out, tensors, grad)
+    with cuda_emulation():
+        grads = torch.autograd.grad(out, tensors, grad)
     expected_grads = torch.autograd.grad(expected, copies, grad.double())
     names = ["output", "grad q", "grad k", "grad v", "grad global_q", "grad global_k", "grad global_v"]
     ours = [out, *grads]
@@ -202,8 +168,9 @@ def test_emulated_backward_is_deterministic(monkeypatch):
     for seed in ("1", "2"):
         monkeypatch.setenv("LONGFORMER_EMULATION_SEED", seed)
         q, k, v, kwargs = make_inputs(case)
-        out = emulated_attention(q, k, v, case.window, **kwargs)
-        results.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
+        with cuda_emulation():
+            out = longformer_attention(q, k, v, case.window, **kwargs)
+            results.append(torch.autograd.grad(out, [q, k, v], torch.ones_like(out)))
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -237,3 +204,28 @@ def test_global_rows_split_into_chunks(dtype, causal):
     kwargs = dict(dilation=1, attention_mask=attention_mask, global_attention_mask=glob, causal=causal,
                   global_q=gq, global_k=gk, global_v=gv)
     check_against_oracle(case, q, k, v, kwargs)
+
+
+def test_cuda_emulation_routes_forward_and_backward_to_the_emulated_kernels():
+    """Inside cuda_emulation() the real ops' autograd calls the emulated kernels, forward and
+    backward; outside it the CPU kernels run."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen).requires_grad_() for _ in range(3))
+    glob = torch.zeros(1, 24, dtype=torch.bool)
+    glob[0, 3] = True
+
+    def ops_called(emulated):
+        with torch.profiler.profile() as prof:
+            with cuda_emulation() if emulated else contextlib.nullcontext():
+                out = longformer_attention(q, k, v, 3, global_attention_mask=glob)
+                out.sum().backward()
+        return {e.name for e in prof.events() if e.name.startswith("longformer")}
+
+    attention_ops = {"banded_attn", "global_attn", "banded_attn_backward", "global_attn_backward"}
+    assert {f"longformer_emulated::{op}" for op in attention_ops} <= ops_called(emulated=True)
+    assert not any(name.startswith("longformer_emulated::") for name in ops_called(emulated=False))
+    # A limit of the CUDA glue only (the CPU kernels take any head dim) shows which kernels ran.
+    wide = torch.randn(1, 1, 8, 300)
+    longformer_attention(wide, wide, wide, 1)
+    with cuda_emulation(), pytest.raises(RuntimeError, match="head dims up to 256"):
+        longformer_attention(wide, wide, wide, 1)
