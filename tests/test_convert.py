@@ -8,9 +8,11 @@ errors for what cannot be carried over, and a quick run of examples/continue_pre
 
 import copy
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -273,6 +275,40 @@ def test_load_long_model_refuses_a_short_model(tmp_path):
     _encoder("roberta-model").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="architectures"):
         load_long_model(tmp_path)
+
+
+def test_load_long_model_names_a_class_missing_from_transformers(tmp_path):
+    to_led(_bart(), MAX_POS, attention_window=16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["LEDForSequenceClassification"]  # as saved by transformers 4; gone in 5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if hasattr(transformers, "LEDForSequenceClassification"):
+        with warnings.catch_warnings():  # 4.57 deprecates the class
+            warnings.simplefilter("ignore", FutureWarning)
+            assert type(load_long_model(tmp_path, patch=False)).__name__ == "LEDForSequenceClassification"
+    else:
+        with pytest.raises(ValueError, match="LEDForSequenceClassification does not exist in the installed"):
+            load_long_model(tmp_path)
+    assert type(load_long_model(tmp_path, model_class=transformers.LEDModel, patch=False)).__name__ == "LEDModel"
+
+
+def test_float16_checkpoint_runs_patched_on_cpu(tmp_path):
+    """transformers 5 loads a checkpoint in its saved dtype: a float16 model must run on CPU."""
+    long = to_longformer(_encoder("roberta-model"), MAX_POS, window=WINDOW).eval()
+    long.half().save_pretrained(tmp_path)
+    patched = load_long_model(tmp_path, dtype=torch.float16).eval()
+    assert next(patched.parameters()).dtype == torch.float16
+    reference = load_long_model(tmp_path, dtype=torch.float32, patch=False).eval()
+    ids, mask = _inputs(long.config.pad_token_id, length=MAX_POS - 3, batch=2)
+    global_mask = torch.zeros_like(ids)
+    global_mask[:, [0, 5]] = 1
+    with torch.no_grad():
+        ours = patched(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
+        expected = reference(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
+    assert ours.dtype == torch.float16
+    real = mask.bool()
+    # float16 weights and activations against float32 ones: half precision's rounding, not ours.
+    torch.testing.assert_close(ours.float()[real], expected[real], atol=2e-2, rtol=2e-2)
 
 
 def test_config_carried_over():

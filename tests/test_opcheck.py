@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import longformer_ext  # noqa: F401  (loads the ops)
+from conftest import CPU_DTYPES
 
 ops = torch.ops.longformer
 
@@ -21,7 +22,7 @@ def _masks():
     return am, gm
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("masks", [False, True])
 def test_opcheck_attention_ops(dtype, masks):
     gen = torch.Generator().manual_seed(0)
@@ -42,7 +43,7 @@ def test_opcheck_attention_ops(dtype, masks):
                                                      glse, gm, am, True, 0.4))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_opcheck_banded_matmuls(dtype):
     gen = torch.Generator().manual_seed(1)
     q, k = (_heads(gen, dtype, requires_grad=True) for _ in range(2))

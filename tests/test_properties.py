@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import Case, differentiable_inputs, make_inputs
+from conftest import HALF_PRECISION, Case, differentiable_inputs, make_inputs
 from longformer_ext import longformer_attention
 
 
@@ -50,7 +50,7 @@ def test_padding_rows_get_zero_gradient():
         assert torch.equal(g[pad], torch.zeros_like(g[pad]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_PRECISION])
 def test_backward_is_bitwise_deterministic_across_runs_and_threads(dtype, threads):
     case = Case(batch=2, heads=3, seqlen=777, dim=32, window=(70, 40), dilation=[1, 2, 3], globals="many",
                 padding=True, global_projections=True, dtype=dtype, layout="head_split", seed=5)

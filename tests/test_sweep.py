@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import Case, assert_close_to_oracle, differentiable_inputs, make_inputs, sweep_cases
-from longformer_ext import longformer_attention
+from conftest import (CPU_DTYPES, HALF_PRECISION, Case, assert_close_to_oracle, differentiable_inputs, make_inputs,
+                      sweep_cases)
+from longformer_ext import longformer_attention, ops
 from longformer_ext.reference import dense_attention
 
 
@@ -53,7 +54,7 @@ def test_default_instruction_set_matches_oracle():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_PRECISION])
 @pytest.mark.parametrize("window", [(270, 260), (350, 300)], ids=["one-full-block", "two-blocks"])
 def test_wide_band_over_many_tiles_matches_oracle(dtype, window):
     """A tile's band as one block of almost 640 keys (the most one block holds), or wider and split in
@@ -69,3 +70,28 @@ def test_wide_band_over_many_tiles_matches_oracle(dtype, window):
         copies, oracle_kwargs = _oracle_inputs([q, k, v], kwargs)
         expected = dense_attention(*copies[:3], case.window, **oracle_kwargs)
     assert_close_to_oracle(out, expected, dtype, "output")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("window,dilation", [((3, 2), [1, 2, 3]), ((0, 5), [2]), ((40, 40), [1])])
+def test_banded_matmuls_match_dense_products(dtype, window, dilation):
+    """The unfused banded products against dense float64 matrices built from the band: slot t of row i
+    is key j = i + (t - left) * dilation[h]; qk writes `fill` where j is off the sequence, pv skips it."""
+    b, h, n, d = 2, 3, 37, 24
+    left, right = window
+    gen = torch.Generator().manual_seed(3)
+    q, k, x = (torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    p = torch.randn(b, h, n, left + right + 1, generator=gen).to(dtype)
+    dil = torch.tensor(dilation * h if len(dilation) == 1 else dilation)[:, None, None]
+    j = torch.arange(n)[None, :, None] + (torch.arange(left + right + 1)[None, None, :] - left) * dil  # [H, N, W]
+    inside = ((j >= 0) & (j < n)).expand(b, h, n, -1)
+    dense = torch.zeros(b, h, n, n, dtype=torch.float64).scatter_add_(
+        3, j.clamp(0, n - 1).expand(b, h, n, -1), p.double() * inside)  # dense[i, j] = p[i, t]
+
+    band = ops.banded_matmul_qk(q, k, left, right, dilation, -1000.0)
+    scores = torch.gather(q.double() @ k.double().transpose(-1, -2), 3, j.clamp(0, n - 1).expand(b, h, n, -1))
+    assert_close_to_oracle(band[inside], scores[inside], dtype, "qk")
+    assert (band[~inside] == -1000.0).all()
+    assert_close_to_oracle(ops.banded_matmul_pv(p, x, left, right, dilation), dense @ x.double(), dtype, "pv")
+    assert_close_to_oracle(ops.banded_matmul_pv_transposed(p, x, left, right, dilation),
+                           dense.transpose(-1, -2) @ x.double(), dtype, "pv_transposed")

@@ -195,9 +195,9 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
   });
 }
 
-template void banded_attention_backward<float>(const AttentionParams&, void*);
-template void banded_attention_backward<double>(const AttentionParams&, void*);
-template void banded_attention_backward<c10::BFloat16>(const AttentionParams&, void*);
+#define LONGFORMER_INSTANTIATE(T, name) template void banded_attention_backward<T>(const AttentionParams&, void*);
+LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_INSTANTIATE)
+#undef LONGFORMER_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

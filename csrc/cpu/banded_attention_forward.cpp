@@ -99,9 +99,9 @@ void banded_attention_forward(const AttentionParams& p) {
   });
 }
 
-template void banded_attention_forward<float>(const AttentionParams&);
-template void banded_attention_forward<double>(const AttentionParams&);
-template void banded_attention_forward<c10::BFloat16>(const AttentionParams&);
+#define LONGFORMER_INSTANTIATE(T, name) template void banded_attention_forward<T>(const AttentionParams&);
+LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_INSTANTIATE)
+#undef LONGFORMER_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

@@ -37,18 +37,18 @@ void banded_matmul_qk(const BandedMatmulParams& p) {
   using acc = acc_type<scalar_t>;
   const int64_t D = p.head_dim, W = p.band_width();
   for_each_row(p, [&](int64_t b, int64_t h, int64_t i) {
-    std::vector<acc> a(D), k(D);
+    std::vector<acc> a(D), k(D), scores(W);
     load_rows(a.data(), row_ptr<scalar_t>(p.a, b, h, 0), p.a.stride_n, Positions{i, 1}, 1, D);
-    scalar_t* band = static_cast<scalar_t*>(p.band) + p.band_offset(b, h, i);
     for (int64_t t = 0; t < W; ++t) {
       const int64_t j = i + (t - p.window_left) * p.dilation[h];
       if (j < 0 || j >= p.seqlen) {
-        band[t] = static_cast<scalar_t>(p.fill);
+        scores[t] = static_cast<acc>(p.fill);
         continue;
       }
       load_rows(k.data(), row_ptr<scalar_t>(p.b, b, h, 0), p.b.stride_n, Positions{j, 1}, 1, D);
-      band[t] = static_cast<scalar_t>(dot(a.data(), k.data(), D));
+      scores[t] = dot(a.data(), k.data(), D);
     }
+    narrow(static_cast<scalar_t*>(p.band) + p.band_offset(b, h, i), scores.data(), W);
   });
 }
 
@@ -57,14 +57,13 @@ void banded_matmul_pv(const BandedMatmulParams& p) {
   using acc = acc_type<scalar_t>;
   const int64_t D = p.head_dim, W = p.band_width();
   for_each_row(p, [&](int64_t b, int64_t h, int64_t i) {
-    std::vector<acc> sum(D, acc(0));
-    const scalar_t* band = static_cast<const scalar_t*>(p.band) + p.band_offset(b, h, i);
+    std::vector<acc> sum(D, acc(0)), weights(W), row(D);
+    widen(weights.data(), static_cast<const scalar_t*>(p.band) + p.band_offset(b, h, i), W);
     for (int64_t t = 0; t < W; ++t) {
       const int64_t j = i + (t - p.window_left) * p.dilation[h];
       if (j < 0 || j >= p.seqlen) continue;
-      const acc w = static_cast<acc>(band[t]);
-      const scalar_t* x = row_ptr<scalar_t>(p.b, b, h, j);
-      for (int64_t c = 0; c < D; ++c) sum[c] += w * static_cast<acc>(x[c]);
+      const acc* x = rows_of(row.data(), row_ptr<scalar_t>(p.b, b, h, 0), p.b.stride_n, Positions{j, 1}, 1, D).data;
+      for (int64_t c = 0; c < D; ++c) sum[c] += weights[t] * x[c];
     }
     store_rows(static_cast<scalar_t*>(p.out.data) + p.out.offset(b, h, 0), p.out.stride_n, Positions{i, 1},
                sum.data(), 1, D);
@@ -76,26 +75,25 @@ void banded_matmul_pv_transposed(const BandedMatmulParams& p) {
   using acc = acc_type<scalar_t>;
   const int64_t D = p.head_dim, W = p.band_width();
   for_each_row(p, [&](int64_t b, int64_t h, int64_t j) {
-    std::vector<acc> sum(D, acc(0));
+    std::vector<acc> sum(D, acc(0)), row(D);
     for (int64_t t = 0; t < W; ++t) {
       const int64_t i = j - (t - p.window_left) * p.dilation[h];
       if (i < 0 || i >= p.seqlen) continue;
-      const acc w = static_cast<acc>(static_cast<const scalar_t*>(p.band)[p.band_offset(b, h, i) + t]);
-      const scalar_t* x = row_ptr<scalar_t>(p.a, b, h, i);
-      for (int64_t c = 0; c < D; ++c) sum[c] += w * static_cast<acc>(x[c]);
+      acc w;
+      widen(&w, static_cast<const scalar_t*>(p.band) + p.band_offset(b, h, i) + t, 1);
+      const acc* x = rows_of(row.data(), row_ptr<scalar_t>(p.a, b, h, 0), p.a.stride_n, Positions{i, 1}, 1, D).data;
+      for (int64_t c = 0; c < D; ++c) sum[c] += w * x[c];
     }
     store_rows(static_cast<scalar_t*>(p.out.data) + p.out.offset(b, h, 0), p.out.stride_n, Positions{j, 1},
                sum.data(), 1, D);
   });
 }
 
-#define LONGFORMER_INSTANTIATE(T)                                \
-  template void banded_matmul_qk<T>(const BandedMatmulParams&);  \
-  template void banded_matmul_pv<T>(const BandedMatmulParams&);  \
+#define LONGFORMER_INSTANTIATE(T, name)                          \
+  template void banded_matmul_qk<T>(const BandedMatmulParams&); \
+  template void banded_matmul_pv<T>(const BandedMatmulParams&); \
   template void banded_matmul_pv_transposed<T>(const BandedMatmulParams&);
-LONGFORMER_INSTANTIATE(float)
-LONGFORMER_INSTANTIATE(double)
-LONGFORMER_INSTANTIATE(c10::BFloat16)
+LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_INSTANTIATE)
 #undef LONGFORMER_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY

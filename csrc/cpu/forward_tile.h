@@ -55,7 +55,16 @@ class KeyPanels {
         const int64_t key = p * W + j;
         if (key < length_) {
           const scalar_t* src = head_ + seq_[key] * stride_n_;
-          for (int64_t d = 0; d < dim_; ++d) dst[d * W + j] = static_cast<acc>(src[d]);
+          if constexpr (is_half_precision<scalar_t>) {  // widened a vector at a time, then transposed
+            acc chunk[64];
+            for (int64_t d0 = 0; d0 < dim_; d0 += 64) {
+              const int64_t n = std::min<int64_t>(64, dim_ - d0);
+              widen(chunk, src + d0, n);
+              for (int64_t d = 0; d < n; ++d) dst[(d0 + d) * W + j] = chunk[d];
+            }
+          } else {
+            for (int64_t d = 0; d < dim_; ++d) dst[d * W + j] = static_cast<acc>(src[d]);
+          }
         } else {
           for (int64_t d = 0; d < dim_; ++d) dst[d * W + j] = acc(0);
         }
@@ -214,9 +223,11 @@ class ForwardTile {
  private:
   // Online-softmax update of tile row r from its scores s[a, b); leaves probabilities in s[a, b)
   // and zeros in the rest of the group's range [first, last), which p.v then reads. Score index
-  // c is key c - shift of the block (whose bias is bias[c - shift]).
-  void update_row(int64_t r, acc* s, int64_t a, int64_t b, int64_t first, int64_t last, const acc* bias,
-                  int64_t shift) {
+  // c is key c - shift of the block (whose bias is bias[c - shift]). Inlined into every micro-row
+  // variant of every storage type's attend (GCC stops inlining it into some of them once float,
+  // float16 and bfloat16 all share ForwardTile<float>).
+  [[gnu::always_inline]] void update_row(int64_t r, acc* s, int64_t a, int64_t b, int64_t first, int64_t last,
+                                         const acc* bias, int64_t shift) {
     if (a >= b) a = b = first;  // an empty interval: the whole range becomes 0 below
     if (bias) {
       for (int64_t c = a; c < b; ++c) s[c] += bias[c - shift];

@@ -182,12 +182,11 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
   });
 }
 
-template void global_attention_forward<float>(const AttentionParams&);
-template void global_attention_forward<double>(const AttentionParams&);
-template void global_attention_forward<c10::BFloat16>(const AttentionParams&);
-template void global_attention_backward<float>(const AttentionParams&, void*);
-template void global_attention_backward<double>(const AttentionParams&, void*);
-template void global_attention_backward<c10::BFloat16>(const AttentionParams&, void*);
+#define LONGFORMER_INSTANTIATE(T, name)                              \
+  template void global_attention_forward<T>(const AttentionParams&); \
+  template void global_attention_backward<T>(const AttentionParams&, void*);
+LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_INSTANTIATE)
+#undef LONGFORMER_INSTANTIATE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace longformer::cpu

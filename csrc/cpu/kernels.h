@@ -1,8 +1,20 @@
-// Entry points of the CPU kernels, instantiated for float, double and c10::BFloat16.
-// They take plain parameter blocks (longformer/params.h); ops_cpu.cpp turns tensors into those.
+// Entry points of the CPU kernels, instantiated for every storage dtype of
+// LONGFORMER_CPU_FOR_EACH_DTYPE. They take plain parameter blocks (longformer/params.h);
+// ops_cpu.cpp turns tensors into those.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "longformer/params.h"
+
+// The storage dtypes of the CPU kernels, with their names in error messages: the one list that
+// the kernel sources instantiate and ops_cpu.cpp checks and dispatches over. float and double are
+// computed in their own dtype; the half-precision types (float16, bfloat16) share one path:
+// converted to float on load, accumulated in float, rounded back on store (acc_type in
+// tile_math.h).
+#define LONGFORMER_CPU_FOR_EACH_DTYPE(X) \
+  X(float, "float32") X(double, "float64") X(c10::Half, "float16") X(c10::BFloat16, "bfloat16")
 
 // The kernel sources are compiled once per instruction set, each into its own namespace
 // (CPU_CAPABILITY = DEFAULT, AVX2, AVX512; the same scheme as ATen's at::vec). A kernel source sees

@@ -1,11 +1,11 @@
 // CPU implementations of the longformer ops: check inputs, build the parameter block, dispatch
 // on dtype to the kernels in this folder.
-#include <ATen/Dispatch.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "kernels.h"
 #include "longformer/checks.h"
@@ -48,9 +48,37 @@ KernelTable<scalar_t> kernels() {
 }
 #undef LONGFORMER_KERNEL_TABLE
 
+// "float32, float64, float16 and bfloat16": the dtypes of LONGFORMER_CPU_FOR_EACH_DTYPE.
+std::string cpu_dtype_names() {
+  std::vector<std::string> names;
+#define LONGFORMER_NAME(T, name) names.emplace_back(name);
+  LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_NAME)
+#undef LONGFORMER_NAME
+  std::string out = names[0];
+  for (size_t i = 1; i < names.size(); ++i) out += (i + 1 == names.size() ? " and " : ", ") + names[i];
+  return out;
+}
+
 void check_cpu_dtype(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
-              "longformer: CPU kernels support float32, float64 and bfloat16, got ", t.scalar_type());
+  bool supported = false;
+#define LONGFORMER_SUPPORTED(T, name) supported = supported || t.scalar_type() == c10::CppTypeToScalarType<T>::value;
+  LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_SUPPORTED)
+#undef LONGFORMER_SUPPORTED
+  TORCH_CHECK(supported, "longformer: CPU kernels support ", cpu_dtype_names(), ", got ", t.scalar_type());
+}
+
+// Calls f(scalar_t{}) with the storage type of `dtype`, one of LONGFORMER_CPU_FOR_EACH_DTYPE
+// (checked before by check_cpu_dtype).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+#define LONGFORMER_CASE(T, name)                     \
+  if (dtype == c10::CppTypeToScalarType<T>::value) { \
+    f(T{});                                          \
+    return;                                          \
+  }
+  LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_CASE)
+#undef LONGFORMER_CASE
+  TORCH_CHECK(false, "longformer: CPU kernels support ", cpu_dtype_names(), ", got ", dtype);
 }
 
 struct Prepared {
@@ -106,8 +134,7 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (prep.empty) return {out.zero_(), lse};
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn",
-                                 [&] { kernels<scalar_t>().banded_forward(prep.params); });
+  dispatch_dtype(q.scalar_type(), [&](auto t) { kernels<decltype(t)>().banded_forward(prep.params); });
   return {out, lse};
 }
 
@@ -136,8 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
   p.grad_k = heads_view(dk);
   p.grad_v = heads_view(dv);
   p.lse = lse_c.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_attn_backward",
-                                 [&] { kernels<scalar_t>().banded_backward(p, delta.data_ptr()); });
+  dispatch_dtype(q.scalar_type(), [&](auto t) { kernels<decltype(t)>().banded_backward(p, delta.data_ptr()); });
   return {dq, dk, dv};
 }
 
@@ -153,8 +179,7 @@ std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::T
   if (prep.empty) return {new_out, lse};
   prep.params.out = heads_view(new_out);
   prep.params.lse = lse.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn",
-                                 [&] { kernels<scalar_t>().global_forward(prep.params); });
+  dispatch_dtype(gq.scalar_type(), [&](auto t) { kernels<decltype(t)>().global_forward(prep.params); });
   return {new_out, lse};
 }
 
@@ -185,8 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
   p.grad_k = heads_view(dk);
   p.grad_v = heads_view(dv);
   p.lse = lse_c.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gq.scalar_type(), "global_attn_backward",
-                                 [&] { kernels<scalar_t>().global_backward(p, delta.data_ptr()); });
+  dispatch_dtype(gq.scalar_type(), [&](auto t) { kernels<decltype(t)>().global_backward(p, delta.data_ptr()); });
   return {dq, dk, dv, grad_in};
 }
 
@@ -219,8 +243,7 @@ at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t
   p.b = heads_view(k);
   p.band = band.data_ptr();
   p.fill = fill;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "banded_matmul_qk",
-                                 [&] { kernels<scalar_t>().qk(p); });
+  dispatch_dtype(q.scalar_type(), [&](auto t) { kernels<decltype(t)>().qk(p); });
   return band;
 }
 
@@ -237,11 +260,11 @@ at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tens
   p.band = band_c.data_ptr();
   p.out = heads_view(out);
   (kTransposed ? p.a : p.b) = heads_view(x);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "banded_matmul_pv", [&] {
+  dispatch_dtype(x.scalar_type(), [&](auto t) {
     if constexpr (kTransposed) {
-      kernels<scalar_t>().pv_transposed(p);
+      kernels<decltype(t)>().pv_transposed(p);
     } else {
-      kernels<scalar_t>().pv(p);
+      kernels<decltype(t)>().pv(p);
     }
   });
   return out;

@@ -8,8 +8,10 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -25,7 +27,8 @@
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
-// Softmax and accumulation run in float for float/bfloat16 inputs and in double for double.
+// Softmax and accumulation run in float for float and the half-precision inputs (float16,
+// bfloat16: converted on load, rounded back on store) and in double for double.
 template <typename scalar_t> struct Accumulate { using type = float; };
 template <> struct Accumulate<double> { using type = double; };
 template <typename scalar_t> using acc_type = typename Accumulate<scalar_t>::type;
@@ -71,13 +74,58 @@ class Scratch {
   std::unique_ptr<T, Free> ptr_;
 };
 
+// The half-precision storage types (float16, bfloat16): held as float while computing.
+template <typename scalar_t>
+constexpr bool is_half_precision = c10::is_reduced_floating_point_v<scalar_t>;
+
+// GCC 12 takes the placeholder operands of its own AVX-512 conversion intrinsics (the
+// _mm512_undefined_* values at::vec's conversions pass them) for uninitialised variables and warns
+// wherever they are inlined; nothing here is read uninitialised.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// dst[0, n) = src[0, n) as acc. The half-precision types are widened a vector at a time (F16C or
+// AVX-512 for float16, a shift for bfloat16), not one element per instruction.
+template <typename scalar_t, typename acc>
+void widen(acc* dst, const scalar_t* src, int64_t n) {
+  if constexpr (is_half_precision<scalar_t> && std::is_same_v<acc, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    int64_t c = 0;
+    for (; c + Vec::size() <= n; c += Vec::size()) {
+      Vec x;
+      at::vec::load_to_float(src + c, x);
+      x.store(dst + c);
+    }
+    for (; c < n; ++c) dst[c] = static_cast<acc>(src[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc>(src[c]);
+  }
+}
+
+// dst[0, n) = src[0, n) rounded to scalar_t (to nearest even), a vector at a time for the
+// half-precision types.
+template <typename scalar_t, typename acc>
+void narrow(scalar_t* dst, const acc* src, int64_t n) {
+  if constexpr (is_half_precision<scalar_t> && std::is_same_v<acc, float>) {
+    at::vec::convert(src, dst, n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 // Copies `count` rows of one head (rows chosen by `pos`) into dst[count][dim], converting to acc.
 template <typename scalar_t, typename acc>
 void load_rows(acc* dst, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
   for (int64_t r = 0; r < count; ++r) {
     const scalar_t* src = head + pos[r] * stride_n;
     acc* row = dst + r * dim;
-    for (int64_t c = 0; c < dim; ++c) row[c] = static_cast<acc>(src[c]);
+    widen(row, src, dim);
   }
 }
 
@@ -105,7 +153,7 @@ void store_rows(scalar_t* head, int64_t stride_n, Positions pos, const acc* src,
   for (int64_t r = 0; r < count; ++r) {
     scalar_t* dst = head + pos[r] * stride_n;
     const acc* row = src + r * dim;
-    for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<scalar_t>(row[c]);
+    narrow(dst, row, dim);
   }
 }
 
