@@ -39,7 +39,12 @@ constexpr int kRowWarps = 4;       // rows per block in the warp-per-row kernels
 constexpr int64_t kChunkKeys = 256;  // target keys per chunk (32 per warp)
 constexpr int64_t kMaxChunks = 64;   // chunks per row at most (longer rows get longer chunks)
 constexpr int64_t kSplitRows = 16;   // global rows per (b, h) that get every chunk
-constexpr int64_t kGridCap = 4096;   // blocks of the chunk kernels (grid-stride loop beyond)
+// Blocks of the chunk kernels (grid-stride loop beyond). A prime: block x takes items x, x + cap,
+// x + 2 cap, ..., whose chunk indices (item % max_chunks) then cycle through every value. With a
+// cap that is a multiple of max_chunks (4096 and 64) each block would always get the same chunk
+// index, and the blocks of chunk indices >= chunks_of(count) (3/4 of them with 64 global tokens)
+// would never get work.
+constexpr int64_t kGridCap = 4093;
 
 // How the keys of the global rows are split (from N only, so results do not depend on the GPU).
 struct SplitShape {
