@@ -11,6 +11,7 @@ Environment: LONGFORMER_EMULATION_COUNT (cases, default 40), LONGFORMER_SEED.
 import contextlib
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from longformer_ext.reference import dense_attention
 from longformer_ext.testing import cuda_emulation, load_emulated_library
 
 COUNT = int(os.environ.get("LONGFORMER_EMULATION_COUNT", "40"))
+ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LONGFORMER_SEED", "0"))
 
 
@@ -229,3 +231,41 @@ def test_cuda_emulation_routes_forward_and_backward_to_the_emulated_kernels():
     longformer_attention(wide, wide, wide, 1)
     with cuda_emulation(), pytest.raises(RuntimeError, match="head dims up to 256"):
         longformer_attention(wide, wide, wide, 1)
+
+
+# ATen calls each op's glue (csrc/cuda/ops_glue.h, shared by the CUDA build) makes around its
+# kernels today, counted below: a ceiling, so that the glue only gets leaner. Most of them build the
+# token roles and the sorted global positions; a kernel that prepares those would cut them to a few.
+GLUE_ATEN_CALLS = {"banded_attn": 16, "global_attn": 17, "banded_attn_backward": 22, "global_attn_backward": 28,
+                   "banded_matmul_qk": 1}
+
+
+def test_glue_makes_few_aten_calls_and_copies_nothing_to_the_device():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen) for _ in range(3))
+    real = torch.ones(1, 64, dtype=torch.bool)
+    glob = torch.zeros(1, 64, dtype=torch.bool)
+    glob[0, 3] = True
+    out, lse = emu.banded_attn(q, k, v, 4, 4, [1, 2], real, glob, False, 0.25)
+    calls = {
+        "banded_attn": lambda: emu.banded_attn(q, k, v, 4, 4, [1, 2], real, glob, False, 0.25),
+        "global_attn": lambda: emu.global_attn(q, k, v, glob, real, False, 0.25, out),
+        "banded_attn_backward": lambda: emu.banded_attn_backward(out, q, k, v, out, lse, 4, 4, [1, 2], real, glob,
+                                                                 False, 0.25),
+        "global_attn_backward": lambda: emu.global_attn_backward(out, q, k, v, out, lse, glob, real, False, 0.25),
+        "banded_matmul_qk": lambda: emu.banded_matmul_qk(q, k, 4, 4, [1, 2], 0.0),
+    }
+    for name, call in calls.items():
+        with torch.profiler.profile() as prof:
+            call()
+        events = prof.events()
+        (op,) = [e for e in events if e.name == f"longformer_emulated::{name}"]
+        direct = [e.name for e in events if e.cpu_parent is not None and e.cpu_parent.id == op.id]
+        assert all(n.startswith("aten::") for n in direct), direct
+        assert len(direct) <= GLUE_ATEN_CALLS[name], f"{name}: {len(direct)} ATen calls: {sorted(direct)}"
+    # What would synchronise the stream on a GPU (a host-to-device tensor, a host read) has no place
+    # in the CUDA glue: dilations travel by value in the parameter blocks.
+    glue = "\n".join(p.read_text() for p in (ROOT / "csrc" / "cuda").glob("*.[ch]*") if p.suffix in (".h", ".cpp"))
+    for blocking in ("at::tensor(", ".item<", ".item()", ".cpu()", "cudaMemcpy(", "cudaDeviceSynchronize",
+                     "cudaStreamSynchronize"):
+        assert blocking not in glue, f"the CUDA glue calls {blocking}"

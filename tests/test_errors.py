@@ -199,3 +199,15 @@ def test_cuda_tensors_without_cuda_kernels_say_so():
     with pytest.raises(NotImplementedError, match="no kernels for meta"):
         longformer_attention(q, k, v, 2)
 
+
+def test_too_many_heads_or_a_huge_dilation_are_refused():
+    """The per-head dilations travel by value in the kernels' parameter blocks (256 heads at most)."""
+    q = torch.randn(1, 257, 4, 2)
+    with pytest.raises(RuntimeError, match="at most 256 heads"):
+        ops.banded_attn(q, q, q, 1, 1, [1], None, None, False, 1.0)
+    with pytest.raises(RuntimeError, match="at most 256 heads"):
+        ops.banded_matmul_qk(q, q, 1, 1, [1])
+    q = torch.randn(1, 256, 4, 2)
+    assert ops.banded_attn(q, q, q, 1, 1, [1], None, None, False, 1.0)[0].shape == q.shape
+    with pytest.raises(RuntimeError, match=r"dilation must be in \[1, 2\^31\)"):
+        ops.banded_attn(q, q, q, 1, 1, [2 ** 31], None, None, False, 1.0)

@@ -84,7 +84,6 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 struct Prepared {
   AttentionParams params;
   at::Tensor roles;
-  std::vector<int64_t> dilation;
   bool empty = false;
 };
 
@@ -100,7 +99,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   check_mask(attention_mask, "attention_mask", q);
   check_mask(global_attention_mask, "global_attention_mask", q);
   Prepared out;
-  out.dilation = per_head_dilation(dilation, q.size(1));
+  const std::vector<int64_t> per_head = per_head_dilation(dilation, q.size(1));
   out.empty = q.numel() == 0;
   if (out.empty) return out;
   out.roles = token_roles(q, attention_mask, global_attention_mask);
@@ -113,8 +112,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.k = heads_view(k);
   p.v = heads_view(v);
   p.roles = out.roles.data_ptr<uint8_t>();
-  p.dilation = out.dilation.data();
-  p.max_dilation = *std::max_element(out.dilation.begin(), out.dilation.end());
+  set_dilation(p, per_head);
   p.window_left = window_left;
   p.window_right = window_right;
   p.causal = causal;
@@ -216,16 +214,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
 
 // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
 BandedMatmulParams banded_params(const at::Tensor& heads, int64_t window_left, int64_t window_right,
-                                 std::vector<int64_t>& dilation_storage, at::IntArrayRef dilation) {
+                                 at::IntArrayRef dilation) {
   check_cpu_dtype(heads);
   check_window(window_left, window_right);
-  dilation_storage = per_head_dilation(dilation, heads.size(1));
   BandedMatmulParams p;
+  set_dilation(p, per_head_dilation(dilation, heads.size(1)));
   p.batch = heads.size(0);
   p.heads = heads.size(1);
   p.seqlen = heads.size(2);
   p.head_dim = heads.size(3);
-  p.dilation = dilation_storage.data();
   p.window_left = window_left;
   p.window_right = window_right;
   return p;
@@ -235,8 +232,7 @@ at::Tensor banded_matmul_qk_op(const at::Tensor& q, const at::Tensor& k, int64_t
                                at::IntArrayRef dilation, double fill) {
   check_heads_tensor(q, "q", q);
   check_heads_tensor(k, "k", q);
-  std::vector<int64_t> dil;
-  BandedMatmulParams p = banded_params(q, window_left, window_right, dil, dilation);
+  BandedMatmulParams p = banded_params(q, window_left, window_right, dilation);
   at::Tensor band = at::empty({q.size(0), q.size(1), q.size(2), p.band_width()}, q.options());
   if (band.numel() == 0) return band;
   p.a = heads_view(q);
@@ -251,8 +247,7 @@ template <bool kTransposed>
 at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tensor& x, int64_t window_left,
                                           int64_t window_right, at::IntArrayRef dilation) {
   check_heads_tensor(x, kTransposed ? "x" : "v", x);
-  std::vector<int64_t> dil;
-  BandedMatmulParams p = banded_params(x, window_left, window_right, dil, dilation);
+  BandedMatmulParams p = banded_params(x, window_left, window_right, dilation);
   check_band(band, x, p.band_width());
   at::Tensor band_c = band.contiguous();
   at::Tensor out = empty_heads(x.sizes(), x.options());

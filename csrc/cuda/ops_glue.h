@@ -51,7 +51,7 @@ bool use_tensor_cores(DType dtype) {
 struct Prepared {
   AttentionParams params;
   GlobalKeys globals;
-  at::Tensor roles, dilation, global_index, global_count;
+  at::Tensor roles, global_index, global_count;
   DType dtype = DType::kFloat32;
   bool empty = false;
 };
@@ -73,7 +73,6 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   out.empty = q.numel() == 0;
   if (out.empty) return out;
   out.roles = token_roles(q, attention_mask, global_attention_mask);
-  out.dilation = at::tensor(per_head, q.options().dtype(at::kLong));
   // Global positions first, ascending (a stable sort on "not global"), and their count per batch.
   // `stable` is spelled as an optional: sort(true, 1) would bind to the sort(dim, descending) overload.
   at::Tensor not_global = out.roles.ne(kGlobal).to(at::kByte);
@@ -91,8 +90,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.k = heads_view(k);
   p.v = heads_view(v);
   p.roles = out.roles.data_ptr<uint8_t>();
-  p.dilation = out.dilation.data_ptr<int64_t>();
-  p.max_dilation = *std::max_element(per_head.begin(), per_head.end());
+  set_dilation(p, per_head);  // by value: no host-to-device copy, no stream synchronisation
   p.window_left = window_left;
   p.window_right = window_right;
   p.causal = causal;
@@ -211,7 +209,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
 // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
 struct PreparedBand {
   BandedMatmulParams params;
-  at::Tensor dilation;
   DType dtype = DType::kFloat32;
 };
 
@@ -220,15 +217,12 @@ PreparedBand banded_params(const at::Tensor& heads, int64_t window_left, int64_t
   check_window(window_left, window_right);
   PreparedBand out;
   out.dtype = kernel_dtype(heads);
-  std::vector<int64_t> per_head = per_head_dilation(dilation, heads.size(1));
-  out.dilation = at::tensor(per_head, heads.options().dtype(at::kLong));
   BandedMatmulParams& p = out.params;
+  set_dilation(p, per_head_dilation(dilation, heads.size(1)));
   p.batch = heads.size(0);
   p.heads = heads.size(1);
   p.seqlen = heads.size(2);
   p.head_dim = heads.size(3);
-  p.dilation = out.dilation.data_ptr<int64_t>();
-  p.max_dilation = per_head.empty() ? 1 : *std::max_element(per_head.begin(), per_head.end());
   p.window_left = window_left;
   p.window_right = window_right;
   return out;

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
@@ -36,14 +37,29 @@ inline void check_mask(const std::optional<at::Tensor>& mask, const char* name, 
               q.device());
 }
 
-// One dilation per head (a single value applies to all heads), each >= 1.
+// One dilation per head (a single value applies to all heads), each in [1, 2^31); at most
+// kMaxHeads heads (the parameter blocks hold the dilations by value).
 inline std::vector<int64_t> per_head_dilation(at::IntArrayRef dilation, int64_t heads) {
+  TORCH_CHECK(heads <= kMaxHeads, "longformer: at most ", kMaxHeads, " heads are supported, got ", heads);
   TORCH_CHECK(dilation.size() == 1 || static_cast<int64_t>(dilation.size()) == heads,
               "longformer: dilation must have 1 or H = ", heads, " entries, got ", dilation.size());
   std::vector<int64_t> out(dilation.begin(), dilation.end());
   if (out.size() == 1) out.assign(heads, out[0]);
-  for (int64_t d : out) TORCH_CHECK(d >= 1, "longformer: dilation must be >= 1, got ", d);
+  for (int64_t d : out) {
+    TORCH_CHECK(d >= 1 && d <= std::numeric_limits<int32_t>::max(), "longformer: dilation must be in [1, 2^31), got ",
+                d);
+  }
   return out;
+}
+
+// Puts per-head dilations (from per_head_dilation) into a parameter block, by value.
+template <typename Params>
+inline void set_dilation(Params& p, const std::vector<int64_t>& per_head) {
+  p.max_dilation = 1;
+  for (size_t h = 0; h < per_head.size(); ++h) {
+    p.dilation[h] = static_cast<int32_t>(per_head[h]);
+    p.max_dilation = std::max(p.max_dilation, per_head[h]);
+  }
 }
 
 inline void check_window(int64_t left, int64_t right) {

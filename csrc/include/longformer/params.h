@@ -7,6 +7,11 @@
 
 namespace longformer {
 
+// Most heads an op takes. The per-head dilations travel inside the parameter blocks, by value: a
+// CUDA kernel reads them from its arguments, so no op call copies them to the device (a host-to-
+// device copy per call would synchronise the stream).
+constexpr int64_t kMaxHeads = 256;
+
 // Token roles, one byte per (batch, position): built from attention_mask / global_attention_mask.
 enum Role : uint8_t { kPadding = 0, kLocal = 1, kGlobal = 2 };
 
@@ -32,8 +37,8 @@ struct AttentionParams {
   void* lse = nullptr;
 
   const uint8_t* roles = nullptr;       // [B, N] contiguous, values of Role
-  const int64_t* dilation = nullptr;    // [H], each >= 1 (device memory for CUDA kernels)
-  int64_t max_dilation = 1;             // largest entry of dilation, known on the host (grid sizes)
+  int32_t dilation[kMaxHeads] = {};     // [H] used, each >= 1 (by value, see kMaxHeads)
+  int64_t max_dilation = 1;             // largest entry of dilation (grid sizes)
   int64_t window_left = 0, window_right = 0;
   bool causal = false;
   double scale = 1.0;
@@ -48,7 +53,7 @@ struct BandedMatmulParams {
   int64_t batch = 0, heads = 0, seqlen = 0, head_dim = 0;
   RowMajorHeads a, b, out;  // the [B, H, N, D] operands / result (which ones depends on the op)
   void* band = nullptr;
-  const int64_t* dilation = nullptr;
+  int32_t dilation[kMaxHeads] = {};  // [H] used, by value as in AttentionParams
   int64_t max_dilation = 1;
   int64_t window_left = 0, window_right = 0;
   double fill = 0.0;        // banded_matmul_qk: value written to slots whose key is outside [0, N)
