@@ -84,6 +84,14 @@ def _inputs(pad_id: int, length: int = SHORT - 7, batch: int = 3, seed: int = 1)
     return ids, mask
 
 
+def _long_inputs(pad_id: int):
+    """Two rows of MAX_POS - 3 tokens with padding, global attention on tokens 0 and 5: (ids, mask, globals)."""
+    ids, mask = _inputs(pad_id, length=MAX_POS - 3, batch=2)
+    global_mask = torch.zeros_like(ids)
+    global_mask[:, [0, 5]] = 1
+    return ids, mask, global_mask
+
+
 def _assert_close_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, what: str, tol: float = TOL):
     diff = _max_real_diff(a, b, mask)
     assert diff < tol, f"{what}: max |difference| over real tokens {diff:.3e} >= {tol:.0e}"
@@ -254,9 +262,7 @@ def test_save_pretrained_round_trip(kind, tmp_path):
     state, reloaded_state = long.state_dict(), reloaded.state_dict()
     assert state.keys() == reloaded_state.keys()
     assert all(torch.equal(state[k], reloaded_state[k]) for k in state)
-    ids, mask = _inputs(short.config.pad_token_id, length=MAX_POS - 3, batch=2)
-    global_mask = torch.zeros_like(ids)
-    global_mask[:, [0, 5]] = 1
+    ids, mask, global_mask = _long_inputs(short.config.pad_token_id)
     with torch.no_grad():
         a = long(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
         b = reloaded(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
@@ -299,9 +305,7 @@ def test_float16_checkpoint_runs_patched_on_cpu(tmp_path):
     patched = load_long_model(tmp_path, dtype=torch.float16).eval()
     assert next(patched.parameters()).dtype == torch.float16
     reference = load_long_model(tmp_path, dtype=torch.float32, patch=False).eval()
-    ids, mask = _inputs(long.config.pad_token_id, length=MAX_POS - 3, batch=2)
-    global_mask = torch.zeros_like(ids)
-    global_mask[:, [0, 5]] = 1
+    ids, mask, global_mask = _long_inputs(long.config.pad_token_id)
     with torch.no_grad():
         ours = patched(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
         expected = reference(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)[0]
