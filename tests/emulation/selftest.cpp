@@ -2,6 +2,7 @@
 // tests/test_host_emulation.py. Usage: selftest <case>; prints "PASS <case> ..." or "FAIL <case> ..."
 // (or, for the cases whose outcome the pytest judges, the measured result). Exit status 0 unless the
 // program itself broke.
+#include "async_copy.h"
 #include "device.h"
 
 #include <chrono>
@@ -169,6 +170,55 @@ __global__ void big_block(float* out) {
   out[threadIdx.x] = regs[127];
 }
 
+// A two-stage cp.async pipeline over tiles of 256 floats (64 threads, one 16-byte copy each per
+// tile); each thread adds up one element per tile that another thread copied. kVariant 0 is
+// correct; 1 leaves out the wait, 2 waits too weakly (wait_group 2: the tile it reads may still be
+// in flight), 3 leaves out the barrier between the wait and reading other threads' copies.
+enum AsyncVariant { kAsyncCorrect, kAsyncNoWait, kAsyncWeakWait, kAsyncNoBarrier };
+constexpr int kAsyncTile = 256;
+
+template <int kVariant>
+__global__ void async_pipeline(const float* __restrict__ in, float* __restrict__ out, int tiles) {
+  float* stage = dynamic_shared_memory<float>();  // [2][kAsyncTile]
+  const int tid = threadIdx.x;
+  auto issue = [&](int t) {
+    if (t < tiles) longformer::cuda::cp_async_16(stage + (t & 1) * kAsyncTile + 4 * tid, in + t * kAsyncTile + 4 * tid, true);
+    longformer::cuda::cp_async_commit();  // an empty group past the end keeps the counting uniform
+  };
+  float acc = 0.f;
+  issue(0);
+  for (int t = 0; t < tiles; ++t) {
+    issue(t + 1);
+    if constexpr (kVariant == kAsyncWeakWait) longformer::cuda::cp_async_wait<2>();
+    if constexpr (kVariant != kAsyncNoWait && kVariant != kAsyncWeakWait) longformer::cuda::cp_async_wait<1>();
+    if constexpr (kVariant != kAsyncNoBarrier) __syncthreads();
+    acc += stage[(t & 1) * kAsyncTile + (4 * tid + 7) % kAsyncTile];  // copied by thread tid + 1
+    __syncthreads();  // the next issue overwrites this stage
+  }
+  out[blockIdx.x * blockDim.x + tid] = acc;
+}
+
+// Elements of `out` that differ from the exact sums (small integers: exact in float).
+template <int kVariant>
+int async_pipeline_wrong() {
+  const int blocks = 3, threads = 64, tiles = 5;
+  std::vector<float> in(size_t(blocks) * tiles * kAsyncTile), out(size_t(blocks) * threads, -1.f);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = float(int(i % 17) - 8);
+  // Every block reads the same tiles (offset per block would need a larger input; the sums differ
+  // per thread, which is what the check needs).
+  int rc = LONGFORMER_LAUNCH(async_pipeline<kVariant>, blocks, threads, 2 * kAsyncTile * sizeof(float), nullptr,
+                             in.data(), out.data(), tiles);
+  if (rc != 0) return -1;
+  int wrong = 0;
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < threads; ++t) {
+      float expected = 0.f;
+      for (int k = 0; k < tiles; ++k) expected += in[size_t(k) * kAsyncTile + (4 * t + 7) % kAsyncTile];
+      wrong += !(out[size_t(b) * threads + t] == expected);
+    }
+  return wrong;
+}
+
 int report(const std::string& name, bool pass, const std::string& detail = "") {
   std::printf("%s %s %s\n", pass ? "PASS" : "FAIL", name.c_str(), detail.c_str());
   return 0;
@@ -218,6 +268,17 @@ int main(int argc, char** argv) {
     const double e1 = max_matmul_error(true, 48), e2 = max_matmul_error(true, size, &seconds);
     return report(what, e1 == 0 && e2 == 0, "err48=" + std::to_string(e1) + " err=" + std::to_string(e2) +
                                                " size=" + std::to_string(size) + " seconds=" + std::to_string(seconds));
+  }
+  if (what == "async_copy") {
+    const int wrong = async_pipeline_wrong<kAsyncCorrect>();
+    return report(what, wrong == 0, "wrong=" + std::to_string(wrong));
+  }
+  if (what == "async_copy_no_wait" || what == "async_copy_weak_wait" || what == "async_copy_no_barrier") {
+    const int wrong = what == "async_copy_no_wait"     ? async_pipeline_wrong<kAsyncNoWait>()
+                      : what == "async_copy_weak_wait" ? async_pipeline_wrong<kAsyncWeakWait>()
+                                                        : async_pipeline_wrong<kAsyncNoBarrier>();
+    std::printf("RESULT %s wrong=%d\n", what.c_str(), wrong);
+    return 0;
   }
   if (what == "matmul_missing_barrier") {
     std::printf("RESULT %s max_error=%g\n", what.c_str(), max_matmul_error(false, 64));

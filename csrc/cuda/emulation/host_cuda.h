@@ -18,6 +18,8 @@
 // * Static __shared__ arrays are `static thread_local`: one copy per worker, which runs one block at
 //   a time. Dynamic shared memory is refilled with 0xFF bytes before every block so that reading it
 //   before writing shows up.
+// * cp.async copies (async_copy.h) land only when the issuing thread waits for their group (see
+//   async_copy_16 below), so a missing wait gives wrong results too.
 // It cannot show data races between threads of a block, memory-model effects, or performance.
 //
 // Use: g++ -std=c++20 -DLONGFORMER_HOST_EMULATION -I csrc/cuda -I csrc/include -pthread kernel.cu ...
@@ -153,6 +155,13 @@ namespace longformer::emulation {
 
 enum class State : uint8_t { kReady, kBlockBarrier, kWarpBarrier, kDone, kFailed };
 
+// One cp.async of 16 bytes in flight: the source bytes (read at issue) and where they will land.
+struct AsyncCopy {
+  void* dst;
+  uint64_t group;  // the commit group it belongs to (Fiber::open_group when issued)
+  unsigned char bytes[16];
+};
+
 struct Fiber {
   void* sp = nullptr;
   char* stack = nullptr;  // lowest usable byte (a guard page lies below)
@@ -160,6 +169,8 @@ struct Fiber {
   uint32_t wait_generation = 0;  // the warp barrier generation it waits to see pass
   uint32_t warp_ops = 0;         // slot-buffer parity of its next shuffle/vote
   uint3 tid{0, 0, 0};
+  std::vector<AsyncCopy> async_copies;  // issued, not yet landed, in issue order
+  uint64_t open_group = 0;              // groups committed so far; new copies join this one
 };
 
 struct Warp {
@@ -302,6 +313,8 @@ struct Worker {
     f.sp = words;
     f.state = State::kReady;
     f.warp_ops = 0;
+    f.async_copies.clear();  // copies a thread never waited for are gone with its block
+    f.open_group = 0;
   }
 
   void run_block(uint64_t linear_block, dim3 grid, dim3 block, const Settings& s);
@@ -570,6 +583,43 @@ inline unsigned ballot(unsigned mask, int predicate, const char* what) {
   unsigned bits = 0;
   for (int l = 0; l < 32; ++l) bits |= unsigned(slots[l]) << l;
   return bits;
+}
+
+// ---- cp.async (csrc/cuda/async_copy.h): asynchronous 16-byte copies, global -> shared ----------
+// A copy reads its source when issued, but its bytes reach shared memory only when the issuing
+// thread waits for its commit group, the latest moment the PTX memory model allows; until then the
+// destination keeps what it held (the previous tile, or the 0xFF fill). So a missing or too-weak
+// wait reads stale bytes, and a wait not followed by __syncthreads() before other threads read the
+// data shows under the reverse and shuffle orders, like any missing barrier.
+inline Fiber& async_fiber(const char* what) {
+  Worker& w = current_worker(what);
+  return w.fibers[w.current];
+}
+
+inline void async_copy_16(void* dst, const void* src, bool from_source) {
+  Fiber& f = async_fiber("cp_async_16");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (from_source && reinterpret_cast<uintptr_t>(src) % 16 != 0))
+    throw std::logic_error("cp_async_16: source and destination must be 16-byte aligned");
+  AsyncCopy& c = f.async_copies.emplace_back();
+  c.dst = dst;
+  c.group = f.open_group;
+  if (from_source) std::memcpy(c.bytes, src, 16);
+  else std::memset(c.bytes, 0, 16);
+}
+
+inline void async_commit() { ++async_fiber("cp_async_commit").open_group; }
+
+// Lands, in issue order, every copy of the committed groups but the `pending` most recent ones.
+// Copies not yet committed stay in flight (wait_group only waits for committed groups).
+inline void async_wait(uint64_t pending) {
+  Fiber& f = async_fiber("cp_async_wait");
+  const uint64_t landed_below = f.open_group > pending ? f.open_group - pending : 0;
+  size_t kept = 0;
+  for (AsyncCopy& c : f.async_copies) {
+    if (c.group < landed_below) std::memcpy(c.dst, c.bytes, 16);
+    else f.async_copies[kept++] = c;
+  }
+  f.async_copies.resize(kept);
 }
 
 }  // namespace longformer::emulation
