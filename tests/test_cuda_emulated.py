@@ -113,6 +113,74 @@ def test_both_half_forward_paths(dtype, forward, monkeypatch):
         check_against_oracle(case, *make_inputs(case))
 
 
+# The tensor-core forward's key-tile paths (banded_attention_forward_mma.cu): band tiles wholly
+# inside every row's band with only real local keys (no per-element mask), partial band tiles,
+# more global keys than one tile holds (a full global tile and a partial one), causal global tiles.
+MMA_TILE_CASES = [
+    # (case, leading global tokens, padded length of batch row 1 or None)
+    (Case(batch=1, heads=1, seqlen=320, dim=64, window=160, seed=61), 0, None),
+    (Case(batch=1, heads=2, seqlen=400, dim=32, window=(150, 90), dilation=[1, 2], seed=62), 70, None),
+    (Case(batch=2, heads=1, seqlen=330, dim=64, window=(200, 0), causal=True, seed=63), 70, 250),
+    (Case(batch=1, heads=1, seqlen=300, dim=128, window=130, global_projections=True, seed=64), 3, None),
+]
+
+
+def _mma_tile_inputs(case, leading_globals, padded_from):
+    q, k, v, kwargs = make_inputs(case)
+    glob = torch.zeros(case.batch, case.seqlen, dtype=torch.bool)
+    glob[:, :leading_globals] = True
+    if leading_globals:
+        kwargs["global_attention_mask"] = glob
+        if case.global_projections:
+            gen = torch.Generator().manual_seed(case.seed + 7)
+            for name in ("global_q", "global_k", "global_v"):
+                kwargs[name] = torch.randn(q.shape, generator=gen).to(case.dtype).requires_grad_()
+    if padded_from is not None:
+        mask = torch.ones(case.batch, case.seqlen, dtype=torch.int64)
+        mask[1, padded_from:] = 0
+        kwargs["attention_mask"] = mask
+    return q, k, v, kwargs
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("index", range(len(MMA_TILE_CASES)))
+def test_mma_forward_key_tile_paths(index, dtype, monkeypatch):
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", "mma")
+    case, leading_globals, padded_from = MMA_TILE_CASES[index]
+    case.dtype = dtype
+    q, k, v, kwargs = _mma_tile_inputs(case, leading_globals, padded_from)
+    check_against_oracle(case, q, k, v, kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("forward", ["simt", "mma"])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatch):
+    """Padding tokens are neither queries nor keys: NaN or inf in their q, k, v (and global
+    projections) leaves every output and gradient exactly as with finite padding."""
+    if forward == "mma" and dtype == torch.float32:
+        pytest.skip("the tensor-core forward takes float16/bfloat16")
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", forward)
+    case = Case(batch=2, heads=2, seqlen=150, dim=32, window=(40, 70), dilation=[1, 2], global_projections=True,
+                dtype=dtype, seed=65)
+    q, k, v, kwargs = _mma_tile_inputs(case, 5, 90)
+    real = kwargs["attention_mask"].bool()[:, None, :, None]
+    names = ("global_q", "global_k", "global_v")
+
+    def run(poisoned):
+        tensors = [q, k, v] + [kwargs[n] for n in names]
+        tensors = [(t.masked_fill(~real, fill) if poisoned else t).detach().requires_grad_() for t in tensors]
+        call_kwargs = dict(kwargs, **dict(zip(names, tensors[3:])))
+        with cuda_emulation():
+            out = longformer_attention(*tensors[:3], case.window, **call_kwargs)
+            grads = torch.autograd.grad(out, tensors, torch.ones_like(out))
+        return [out, *grads]
+
+    for clean, poisoned in zip(run(False), run(True)):
+        assert torch.isfinite(poisoned).all()
+        assert torch.equal(clean, poisoned)
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_thread_order_does_not_matter(order, monkeypatch):
     """Fibers run in reversed or shuffled order between barriers: a missing barrier shows here."""

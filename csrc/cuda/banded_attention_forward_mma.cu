@@ -10,6 +10,10 @@
 // tile of 64 consecutive rows s of subsequence r, i.e. positions r + s*d). Its band keys are
 // subsequence indices [s0 - left, s_last + right], processed in key tiles gathered into shared
 // memory; then come tiles of the gathered global keys (GlobalKeys), whose positions are arbitrary.
+// K/V tiles go through a two-stage cp.async pipeline (async_copy.h): while the warps compute on one
+// stage, the copies of the next tile are in flight into the other. A tile's roles become one bit
+// mask per warp (a ballot over the tile's key flags), and tiles wholly inside every row's band with
+// only real keys skip per-element masking.
 // Four warps hold 16 query rows each. Per key tile a warp computes S = Q K^T with mma.sync
 // m16n8k16 (K and V fragments through ldmatrix, V with .trans), masks it (-inf, never NaN),
 // updates a per-row online softmax (running max and sum in fp32, rows spread over lane quads), and
@@ -19,8 +23,8 @@
 // 128, 256) with the missing columns zero in shared memory, so they add nothing to Q K^T and their
 // output columns are never written.
 #include <cstdint>
-#include <cstring>
 
+#include "async_copy.h"
 #include "device.h"
 #include "launchers.h"
 #include "mma.h"
@@ -54,16 +58,20 @@ struct FwdTiles {
   // memory per key tile to leave room for the accumulator.
   static constexpr bool kQInRegisters = DP <= 128;
   static constexpr int kChunksPerRow = DP / 8;  // 16-byte chunks
+  static constexpr int kStages = 2;  // K/V pipeline depth
   static constexpr int64_t kQBytes = int64_t{kBlockQ} * kPitch * 2;
   static constexpr int64_t kKVBytes = int64_t{kBlockK} * kPitch * 2;
-  // Layout: key positions (int64) | Q | K | V | key flags | query flags.
-  static constexpr int64_t kKeyPosOffset = 0;
-  static constexpr int64_t kQOffset = kKeyPosOffset + int64_t{kBlockK} * 8;
+  // Layout: Q | K stages | V stages | key positions (int64) per stage | key flags per stage | query
+  // flags. Every K/V row starts 16-byte aligned (kPitch * 2 is a multiple of 16), as cp.async needs.
+  static constexpr int64_t kQOffset = 0;
   static constexpr int64_t kKOffset = kQOffset + kQBytes;
-  static constexpr int64_t kVOffset = kKOffset + kKVBytes;
-  static constexpr int64_t kKeyOkOffset = kVOffset + kKVBytes;
-  static constexpr int64_t kQueryOkOffset = kKeyOkOffset + kBlockK;
+  static constexpr int64_t kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr int64_t kKeyPosOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int64_t kKeyOkOffset = kKeyPosOffset + int64_t{kStages} * kBlockK * 8;
+  static constexpr int64_t kQueryOkOffset = kKeyOkOffset + int64_t{kStages} * kBlockK;
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockQ;
+  // All kBlockK keys of a tile real and in the tile's kind (the ballot mask of a full tile).
+  static constexpr uint64_t kAllKeys = kBlockK == 64 ? ~uint64_t{0} : (uint64_t{1} << kBlockK) - 1;
 };
 
 // Device twin of RowMajorHeads::offset (host-only in params.h): int64 so big tensors cannot wrap.
@@ -71,26 +79,21 @@ __device__ __forceinline__ int64_t head_row_offset(const RowMajorHeads& x, int64
   return b * x.stride_b + h * x.stride_h + n * x.stride_n;
 }
 
-struct ChunkBits {  // 16 bytes: the unit of the vectorised global -> shared copies
-  uint32_t w[4];
-};
-
-// Copies one row of D 16-bit elements to shared memory, zero-filling columns D..DP-1 (and the whole
-// row when src is null). `vec` says 16-byte loads are legal (D % 8 == 0 and 16-byte aligned rows).
-template <int DP>
-__device__ __forceinline__ void copy_row_chunk(uint16_t* dst_row, const uint16_t* src_row, int chunk, int64_t D,
-                                               bool vec) {
+// Starts the copy of one 16-byte chunk (8 elements) of a row of D 16-bit elements into shared
+// memory; columns D..DP-1, and the whole row when src_row is null, become zero. With `vec`
+// (D % 8 == 0 and 16-byte aligned rows: a chunk lies wholly inside or outside the row) it is a
+// cp.async that lands at the next cp_async_wait covering it; otherwise a plain copy, there at once.
+// `any_row` is a valid address for the zero-filling cp.async to name.
+__device__ __forceinline__ void stage_row_chunk(uint16_t* dst_row, const uint16_t* src_row, int chunk, int64_t D,
+                                                bool vec, const uint16_t* any_row) {
   const int col = chunk * 8;
   uint16_t* dst = dst_row + col;
+  if (vec) {
+    const bool from_source = src_row != nullptr && col < D;
+    cp_async_16(dst, from_source ? src_row + col : any_row, from_source);
+    return;
+  }
   if (src_row != nullptr && col < D) {
-    if (vec) {
-#ifdef LONGFORMER_HOST_EMULATION
-      std::memcpy(dst, src_row + col, 16);
-#else
-      *reinterpret_cast<ChunkBits*>(dst) = *reinterpret_cast<const ChunkBits*>(src_row + col);
-#endif
-      return;
-    }
     uint16_t tmp[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) tmp[e] = (col + e < D) ? src_row[col + e] : uint16_t{0};
@@ -148,9 +151,9 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   const int64_t h = (linear / slots) % H;
   const int64_t b = linear / (slots * H);
   const int64_t d = p.dilation[h];
-  int64_t r, L, tile;
-  if (!decode_slot(slot, N, d, r, L, tile)) return;
-  const int64_t s0 = tile * kBlockQ;
+  int64_t r, L, query_tile;
+  if (!decode_slot(slot, N, d, r, L, query_tile)) return;
+  const int64_t s0 = query_tile * kBlockQ;
   const int rows = static_cast<int>(L - s0 < kBlockQ ? L - s0 : kBlockQ);
   // Windows wider than the subsequence act like L; clamping keeps all index arithmetic small.
   const int64_t left = p.window_left < L ? p.window_left : L;
@@ -161,11 +164,12 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   const int64_t band_end = band_end_raw < L ? band_end_raw : L;
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  int64_t* key_pos = reinterpret_cast<int64_t*>(smem + Tiles::kKeyPosOffset);
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + Tiles::kKOffset);
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + Tiles::kVOffset);
-  unsigned char* key_ok = smem + Tiles::kKeyOkOffset;
+  // Stage s of each: base + s * kBlockK rows (or entries).
+  uint16_t* sK_stages = reinterpret_cast<uint16_t*>(smem + Tiles::kKOffset);
+  uint16_t* sV_stages = reinterpret_cast<uint16_t*>(smem + Tiles::kVOffset);
+  int64_t* key_pos_stages = reinterpret_cast<int64_t*>(smem + Tiles::kKeyPosOffset);
+  unsigned char* key_ok_stages = smem + Tiles::kKeyOkOffset;
   unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -185,8 +189,54 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
       if (roles[pos] == kLocal) src = q_base + head_row_offset(p.q, b, h, pos);
     }
     if (chunk == 0) query_ok[row] = src != nullptr;
-    copy_row_chunk<DP>(sQ + row * kPitch, src, chunk, D, vec);
+    stage_row_chunk(sQ + row * kPitch, src, chunk, D, vec, q_base);
   }
+  cp_async_commit();
+
+  // ---- key tiles: band tiles (subsequence indices [band_begin, band_end)), then global key tiles
+  const int64_t band_tiles = band_end > band_begin ? (band_end - band_begin + kBlockK - 1) / kBlockK : 0;
+  const int64_t global_count = gk.count[b];
+  const int64_t* global_index = gk.index + b * N;
+  const int64_t tiles = band_tiles + (global_count + kBlockK - 1) / kBlockK;
+  // Starts the copies of key tile `tile` into stage tile % 2 and commits them as one group (an empty
+  // group past the last tile, so that every iteration waits for the same count). Keys that are not
+  // real keys of the tile's kind (band tiles: local; global tiles: global) are zero rows with flag
+  // 0, so that a NaN in a padding row cannot reach P V through 0 * NaN.
+  auto issue_tile = [&](int64_t tile) {
+    if (tile < tiles) {
+      const int stage = static_cast<int>(tile % Tiles::kStages);
+      uint16_t* sK = sK_stages + stage * kBlockK * kPitch;
+      uint16_t* sV = sV_stages + stage * kBlockK * kPitch;
+      const bool band = tile < band_tiles;
+      const int64_t first = band ? band_begin + tile * kBlockK : (tile - band_tiles) * kBlockK;
+      for (int c = tid; c < kBlockK * Tiles::kChunksPerRow; c += kThreads) {
+        const int row = c / Tiles::kChunksPerRow, chunk = c % Tiles::kChunksPerRow;
+        const int64_t index = first + row;
+        int64_t pos = 0;
+        bool ok = false;
+        if (band) {
+          if (index < band_end) {
+            pos = r + index * d;
+            ok = roles[pos] == kLocal;  // globals come once, from the global tiles
+          }
+        } else if (index < global_count) {
+          pos = global_index[index];
+          ok = roles[pos] == kGlobal;  // a padding token marked global is padding (the list should agree)
+        }
+        if (chunk == 0) {
+          key_ok_stages[stage * kBlockK + row] = ok;
+          key_pos_stages[stage * kBlockK + row] = pos;
+        }
+        stage_row_chunk(sK + row * kPitch, ok ? k_base + head_row_offset(p.k, b, h, pos) : nullptr, chunk, D, vec,
+                        k_base);
+        stage_row_chunk(sV + row * kPitch, ok ? v_base + head_row_offset(p.v, b, h, pos) : nullptr, chunk, D, vec,
+                        v_base);
+      }
+    }
+    cp_async_commit();
+  };
+  issue_tile(0);
+  cp_async_wait<1>();  // the Q group landed (tile 0 may still be in flight)
   __syncthreads();
 
   // ---- this thread's two rows: rr[0] = warp*16 + g, rr[1] = rr[0] + 8
@@ -226,8 +276,10 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   float row_sum[2] = {0.0f, 0.0f};
 
   // One key tile already in shared memory: S = Q K^T, mask, online softmax, O += P V.
-  // `allowed(i, c)` says whether row i (0: g, 1: g + 8) may see key column c of the tile.
-  auto process_tile = [&](auto allowed) {
+  // `allowed(i, c)` says whether row i (0: g, 1: g + 8) may see key column 2t + c of the tile; c is
+  // a compile-time constant after unrolling, so the lambdas fold this lane's 2t into their bounds
+  // once per tile instead of per element.
+  auto process_tile = [&](const uint16_t* sK, const uint16_t* sV, auto allowed) {
     float s[kNT][4];
 #pragma unroll
     for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -272,8 +324,8 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, col = 8 * j + 2 * t + (e & 1);
-        const float x = allowed(i, col) ? s[j][e] * scale_log2 : -INFINITY;
+        const int i = e >> 1, c = 8 * j + (e & 1);
+        const float x = allowed(i, c) ? s[j][e] * scale_log2 : -INFINITY;
         s[j][e] = x;
         tile_max[i] = fmaxf(tile_max[i], x);
       }
@@ -340,72 +392,54 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
     }
   };
 
-  // ---- band key tiles (subsequence indices [band_begin, band_end))
-  for (int64_t kt0 = band_begin; kt0 < band_end; kt0 += kBlockK) {
-    __syncthreads();  // the previous tile's K/V are no longer read
-    for (int c = tid; c < kBlockK * Tiles::kChunksPerRow; c += kThreads) {
-      const int row = c / Tiles::kChunksPerRow, chunk = c % Tiles::kChunksPerRow;
-      const int64_t kk = kt0 + row;
-      const uint16_t *ksrc = nullptr, *vsrc = nullptr;
-      if (kk < band_end) {
-        const int64_t pos = r + kk * d;
-        // Only real local keys belong to the band; globals come once, from the global tiles.
-        // Excluded keys are zero in shared memory so that a NaN in a padding row cannot reach
-        // P V through 0 * NaN.
-        if (roles[pos] == kLocal) {
-          ksrc = k_base + head_row_offset(p.k, b, h, pos);
-          vsrc = v_base + head_row_offset(p.v, b, h, pos);
-        }
-      }
-      if (chunk == 0) key_ok[row] = ksrc != nullptr;
-      copy_row_chunk<DP>(sK + row * kPitch, ksrc, chunk, D, vec);
-      copy_row_chunk<DP>(sV + row * kPitch, vsrc, chunk, D, vec);
-    }
-    __syncthreads();
-    // Warp-uniform skip: no row of this warp reaches this key tile, or no row is computed.
-    if (!warp_active || warp_key_hi < kt0 || warp_key_lo >= kt0 + kBlockK) continue;
-    // Row i sees tile columns c with kt0 + c in [s_i - left, s_i + right]; as ints relative to kt0.
-    int lo[2], hi[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int64_t l64 = row_s[i] - left - kt0, h64 = row_s[i] + right - kt0;
-      lo[i] = static_cast<int>(l64 < -1 ? -1 : (l64 > kBlockK ? kBlockK : l64));
-      hi[i] = static_cast<int>(h64 < -1 ? -1 : (h64 > kBlockK ? kBlockK : h64));
-    }
-    // (Skipping the mask for tiles wholly inside the band was measured on an H100: 5-10% slower.)
-    process_tile([&](int i, int col) { return key_ok[col] != 0 && col >= lo[i] && col <= hi[i]; });
-  }
-
-  // ---- global key tiles
-  const int64_t global_count = gk.count[b];
-  const int64_t* global_index = gk.index + b * N;
+  // ---- the pipeline: copies of tile + 1 in flight while tile is computed
   const bool causal = p.causal;
-  for (int64_t gt0 = 0; gt0 < global_count; gt0 += kBlockK) {
-    __syncthreads();
-    for (int c = tid; c < kBlockK * Tiles::kChunksPerRow; c += kThreads) {
-      const int row = c / Tiles::kChunksPerRow, chunk = c % Tiles::kChunksPerRow;
-      const int64_t gi = gt0 + row;
-      const uint16_t *ksrc = nullptr, *vsrc = nullptr;
-      int64_t pos = 0;
-      if (gi < global_count) {
-        pos = global_index[gi];
-        if (roles[pos] == kGlobal) {  // a padding token marked global is padding (the list should agree)
-          ksrc = k_base + head_row_offset(p.k, b, h, pos);
-          vsrc = v_base + head_row_offset(p.v, b, h, pos);
+  const auto every_key = [](int, int) { return true; };
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    issue_tile(tile + 1);
+    cp_async_wait<1>();  // this thread's copies of `tile` landed (only tile + 1 may be in flight)
+    __syncthreads();     // ... and every other thread's
+    const int stage = static_cast<int>(tile % Tiles::kStages);
+    const uint16_t* sK = sK_stages + stage * kBlockK * kPitch;
+    const uint16_t* sV = sV_stages + stage * kBlockK * kPitch;
+    const unsigned char* key_ok = key_ok_stages + stage * kBlockK;
+    const bool band = tile < band_tiles;
+    const int64_t kt0 = band_begin + tile * kBlockK;
+    // Warp-uniform skip: no row is computed, or (band) no row of this warp reaches the tile.
+    const bool skip = !warp_active || (band && (warp_key_hi < kt0 || warp_key_lo >= kt0 + kBlockK));
+    if (!skip) {
+      // The tile's key flags as one bit mask, shifted so that bit c is this lane's column 2t + c.
+      uint64_t keys = __ballot_sync(kFull, key_ok[lane] != 0);
+      if constexpr (kBlockK == 64) keys |= uint64_t{__ballot_sync(kFull, key_ok[32 + lane] != 0)} << 32;
+      const bool all_keys = keys == Tiles::kAllKeys;
+      const uint64_t lane_keys = keys >> (2 * t);
+      if (band) {
+        // Row i sees tile columns kt0 + col in [s_i - left, s_i + right]; as ints relative to this
+        // lane's first column kt0 + 2t.
+        int lo[2], hi[2];
+        bool inside = true;  // every computed row of this thread sees the whole tile
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t l64 = row_s[i] - left - kt0, h64 = row_s[i] + right - kt0;
+          inside &= !row_ok[i] || (l64 <= 0 && h64 >= kBlockK - 1);
+          lo[i] = static_cast<int>(l64 < -1 ? -1 : (l64 > kBlockK ? kBlockK : l64)) - 2 * t;
+          hi[i] = static_cast<int>(h64 < -1 ? -1 : (h64 > kBlockK ? kBlockK : h64)) - 2 * t;
         }
+        if (__all_sync(kFull, all_keys && inside)) {
+          process_tile(sK, sV, every_key);
+        } else {
+          process_tile(sK, sV, [&](int i, int c) { return ((lane_keys >> c) & 1) != 0 && c >= lo[i] && c <= hi[i]; });
+        }
+      } else if (!causal && all_keys) {
+        process_tile(sK, sV, every_key);
+      } else {
+        const int64_t* lane_pos = key_pos_stages + stage * kBlockK + 2 * t;
+        process_tile(sK, sV, [&](int i, int c) {
+          return ((lane_keys >> c) & 1) != 0 && (!causal || lane_pos[c] <= row_pos[i]);
+        });
       }
-      if (chunk == 0) {
-        key_ok[row] = ksrc != nullptr;
-        key_pos[row] = pos;
-      }
-      copy_row_chunk<DP>(sK + row * kPitch, ksrc, chunk, D, vec);
-      copy_row_chunk<DP>(sV + row * kPitch, vsrc, chunk, D, vec);
     }
-    __syncthreads();
-    if (!warp_active) continue;
-    process_tile([&](int i, int col) {
-      return key_ok[col] != 0 && (!causal || key_pos[col] <= row_pos[i]);
-    });
+    __syncthreads();  // every warp is done with this stage before issue_tile(tile + 2) refills it
   }
 
   // ---- finish: full row sums across the quad, normalise, write local rows that saw a key
