@@ -1,6 +1,7 @@
 """What the compiler made of the CUDA kernels, read from the built library with cuobjdump (no GPU
-needed): machine code for every configured architecture, no register spills in the head-dim-64
-kernels, and tensor-core instructions (HMMA) in the float16/bfloat16 forward.
+needed): machine code for every configured architecture; no local memory (spills or stack arrays) in
+any instantiation of any kernel; register counts within the budgets below; tensor-core instructions
+(HMMA) in the float16/bfloat16 forward, fed by cp.async (LDGSTS) copies.
 
 Runs on a CUDA build (`bash scripts/dev cuda-build`); skipped on a CPU-only build unless
 LONGFORMER_REQUIRE_CUDA_BUILD=1, which CI sets for its CUDA build.
@@ -89,18 +90,54 @@ def test_machine_code_for_every_arch():
             assert f"{source.stem}.{arch}.cubin" in elves, f"no {arch} code for {source.name}"
 
 
-def test_no_spills_in_head_dim_64_kernels():
+def _resources():
+    """{(arch, demangled kernel): (registers, local bytes, stack bytes)} for the configured archs."""
     usage = _per_function(_dump("--dump-resource-usage"), r"\s*Function (\S+):")
-    checked = set()
-    for (arch, name), text in usage.items():
-        if arch in ARCHS and D64.search(name):
-            stack = int(re.search(r"STACK:(\d+)", text).group(1))
-            local = int(re.search(r"LOCAL:(\d+)", text).group(1))
-            assert stack == 0 and local == 0, f"{name} on {arch} spills: STACK {stack}, LOCAL {local}"
-            checked.add(re.search(r"(\w+)<", name).group(1))
+    return {(arch, name): tuple(int(re.search(field + r":(\d+)", text).group(1)) for field in ("REG", "LOCAL", "STACK"))
+            for (arch, name), text in usage.items() if arch in ARCHS}
+
+
+# Registers per thread that each kernel may use (sm_80 and sm_90 alike). The tensor-core forward
+# runs 128 threads per block: at D=64 168 registers leave 3 blocks (12 warps) per SM, which its
+# shared memory (46 KiB per block) allows too; at D=128, 2 blocks; D=256 takes all 255. Measured
+# with nvcc 13.0 (DP 32/64/128/256: 135-144/167-168/231/255); a budget only a little above today's
+# count catches a change that costs a block per SM. The SIMT kernels stay within 128 (float64:
+# 240, its values take register pairs; 228 today for the global rows at D > 128 on sm_80).
+MMA_FORWARD_REGISTERS = {32: 160, 64: 176, 128: 240, 256: 255}
+SIMT_REGISTERS = 128
+SIMT_FLOAT64_REGISTERS = 240
+
+
+def test_no_local_memory_in_any_kernel():
+    resources = _resources()
+    for (arch, name), (_, local, stack) in resources.items():
+        assert stack == 0 and local == 0, f"{name} on {arch} uses local memory: STACK {stack}, LOCAL {local}"
+    checked = {re.search(r"(\w+)<", name).group(1) for (_, name) in resources if D64.search(name)}
     expected = {"banded_forward_simt_kernel", "banded_attention_forward_mma_kernel", "local_rows_kernel",
                 "global_forward_kernel", "global_dq_kernel", "global_dkdv_kernel"}
     assert expected <= checked, f"kernels not found in the library: {expected - checked}"
+
+
+def test_registers_within_budget():
+    for (arch, name), (registers, _, _) in _resources().items():
+        match = re.search(r"banded_attention_forward_mma_kernel<\w+, (\d+)>", name)
+        if match:
+            budget = MMA_FORWARD_REGISTERS[int(match.group(1))]
+        else:
+            budget = SIMT_FLOAT64_REGISTERS if "<double" in name else SIMT_REGISTERS
+        assert registers <= budget, f"{name} on {arch}: {registers} registers, budget {budget}"
+
+
+def test_half_forward_pipelines_its_tiles_with_cp_async():
+    sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
+    for arch in ARCHS:
+        kernels = {name: text for (a, name), text in sass.items()
+                   if a == arch and "banded_attention_forward_mma_kernel<" in name}
+        assert len(kernels) == 8, f"expected 2 dtypes x 4 head-dim tiles on {arch}, found {sorted(kernels)}"
+        for name, text in kernels.items():
+            # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
+            assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
+            assert "LDGDEPBAR" in text and "DEPBAR.LE" in text, f"{name} on {arch} never commits or waits"
 
 
 def test_half_forward_uses_tensor_cores():
