@@ -97,13 +97,20 @@ def _resources():
             for (arch, name), text in usage.items() if arch in ARCHS}
 
 
-# Registers per thread that each kernel may use (sm_80 and sm_90 alike). The tensor-core forward
-# runs 128 threads per block: at D=64 168 registers leave 3 blocks (12 warps) per SM, which its
-# shared memory (46 KiB per block) allows too; at D=128, 2 blocks; D=256 takes all 255. Measured
-# with nvcc 13.0 (DP 32/64/128/256: 135-144/167-168/231/255); a budget only a little above today's
-# count catches a change that costs a block per SM. The SIMT kernels stay within 128 (float64:
-# 240, its values take register pairs; 228 today for the global rows at D > 128 on sm_80).
-MMA_FORWARD_REGISTERS = {32: 160, 64: 176, 128: 240, 256: 255}
+# Registers per thread that each kernel may use (sm_80 and sm_90 alike), per head-dim tile of the
+# tensor-core kernels (128 threads per block). The forward at D=64: 168 registers leave 3 blocks
+# (12 warps) per SM, which its shared memory (46 KiB per block) allows too; at D=128, 2 blocks;
+# D=256 takes all 255. The backward's dQ kernel (216 at D=64 on sm_90) and dK/dV kernel (246: two
+# accumulators, dK and dV) leave 2 blocks. Measured with nvcc 13.0; a budget only a little above
+# today's count catches a change that costs a block per SM. The SIMT kernels stay within 128
+# (float64: 240, its values take register pairs; 228 today for the global rows at D > 128, sm_80).
+MMA_REGISTERS = {
+    "banded_attention_forward_mma_kernel": {32: 160, 64: 176, 128: 240, 256: 255},
+    "local_dq_mma_kernel": {32: 160, 64: 224},
+    "local_dkdv_mma_kernel": {32: 176, 64: 250},
+}
+# The tensor-core backward reduces nothing across lanes (its row statistics come with the rows).
+MMA_BACKWARD_SHUFFLES = 0
 SIMT_REGISTERS = 128
 SIMT_FLOAT64_REGISTERS = 240
 
@@ -120,9 +127,9 @@ def test_no_local_memory_in_any_kernel():
 
 def test_registers_within_budget():
     for (arch, name), (registers, _, _) in _resources().items():
-        match = re.search(r"banded_attention_forward_mma_kernel<\w+, (\d+)>", name)
+        match = re.search(r"(\w+_mma_kernel)<\w+, (\d+)>", name)
         if match:
-            budget = MMA_FORWARD_REGISTERS[int(match.group(1))]
+            budget = MMA_REGISTERS[match.group(1)][int(match.group(2))]
         else:
             budget = SIMT_FLOAT64_REGISTERS if "<double" in name else SIMT_REGISTERS
         assert registers <= budget, f"{name} on {arch}: {registers} registers, budget {budget}"
@@ -149,3 +156,16 @@ def test_half_forward_uses_tensor_cores():
             assert kernels, f"no {dtype} tensor-core forward for {arch}"
             for name, text in kernels.items():
                 assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
+
+
+def test_half_backward_uses_tensor_cores_and_no_shuffles():
+    sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
+    for arch in ARCHS:
+        for kernel in ("local_dq_mma_kernel", "local_dkdv_mma_kernel"):
+            found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
+            assert len(found) == 4, f"expected 2 dtypes x 2 head-dim tiles of {kernel} on {arch}, found {sorted(found)}"
+            for name, text in found.items():
+                assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
+                assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
+                shuffles = len(re.findall(r"\bSHFL\.", text))
+                assert shuffles <= MMA_BACKWARD_SHUFFLES, f"{name} on {arch}: {shuffles} SHFL instructions"

@@ -181,6 +181,19 @@ def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatc
         assert torch.equal(clean, poisoned)
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("backward", ["simt", "mma"])
+def test_both_half_backward_paths(dtype, backward, monkeypatch):
+    """The tensor-core backward of the local rows (D <= 64) and the SIMT one each meet the bound."""
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
+    rng = random.Random(8)
+    for i in range(5):
+        case = random_small_case(rng, 950 + i)
+        case.dtype = dtype
+        case.dim = rng.choice([32, 64, 40, 13])
+        check_against_oracle(case, *make_inputs(case))
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_thread_order_does_not_matter(order, monkeypatch):
     """Fibers run in reversed or shuffled order between barriers: a missing barrier shows here."""
@@ -230,10 +243,11 @@ def test_emulated_banded_matmuls(dtype, shape, window, dilation):
     assert (pvt.double() - dense.transpose(-1, -2) @ x.double()).abs().max().item() <= tol * scale
 
 
-def test_emulated_backward_is_deterministic(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_backward_is_deterministic(dtype, monkeypatch):
     monkeypatch.setenv("LONGFORMER_EMULATION_ORDER", "shuffle")
     case = Case(batch=2, heads=2, seqlen=90, dim=32, window=(9, 4), dilation=[1, 2], globals="many", padding=True,
-                seed=12)
+                dtype=dtype, seed=12)
     results = []
     for seed in ("1", "2"):
         monkeypatch.setenv("LONGFORMER_EMULATION_SEED", seed)

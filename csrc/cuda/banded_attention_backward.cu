@@ -8,7 +8,8 @@
 // Deterministic: every output value is written by one owner that sums in a fixed order; no
 // floating-point atomics. Four kernels:
 //   1. delta_kernel: one warp per row, delta_i into the workspace (0 for non-local rows).
-//   2. local_rows_kernel: one warp per row n of (b, h), two independent parts:
+//   2. local_rows_kernel: one warp per row n of (b, h), two independent parts (on tensor cores
+//      instead for float16/bfloat16 with D <= 64: banded_attention_backward_mma.cu):
 //        dQ_n  over its band keys then the global keys (n a local query);
 //        dK_n, dV_n over the local queries whose band contains n (n a local key):
 //        i = n - t * dilation, -left <= t <= right (so i >= n when causal).
@@ -249,9 +250,10 @@ int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 }
 
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              void* stream) {
+                              bool tensor_cores, void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
+  const bool mma = tensor_cores && banded_attention_backward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -264,7 +266,12 @@ int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
       auto combine = &global_key_combine_kernel<T>;
       int err = LONGFORMER_LAUNCH(delta, row_grid, row_block, 0, stream, p, workspace);
       if (err != 0) return err;
-      err = LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
+      if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+        err = mma ? banded_attention_backward_mma_local(p, g, delta_of<float>(workspace), dtype, stream)
+                  : LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
+      } else {
+        err = LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
+      }
       if (err != 0) return err;
       err = LONGFORMER_LAUNCH(partial, dim3(grid_for(rows, 1)), dim3(kChunkWarps * kWarpSize), 0, stream, p, g,
                               workspace);

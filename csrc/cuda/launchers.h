@@ -33,8 +33,15 @@ int banded_attention_forward_simt(const AttentionParams& p, const GlobalKeys& g,
 int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
 
 int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
+// `tensor_cores`: the local rows' dQ and the local keys' dK/dV on tensor cores where
+// banded_attention_backward_mma_supports (float16/bfloat16, D <= 64); SIMT otherwise and for the
+// rest (delta, the global keys' dK/dV).
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              void* stream);
+                              bool tensor_cores, void* stream);
+bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype);
+// The tensor-core part: `delta` is [B, H, N] float (delta_i = dO_i . O_i, 0 off local rows).
+int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,
+                                        DType dtype, void* stream);
 
 // Rows of global queries over every real key; p.q/k/v are global_q/k/v. The keys of each global
 // row are split across blocks; `workspace` (uninitialised, the size asked for) holds the chunk

@@ -36,14 +36,14 @@ DType kernel_dtype(const at::Tensor& t) {
   }
 }
 
-// Which forward kernel serves float16/bfloat16: tensor cores unless LONGFORMER_CUDA_FORWARD=simt
-// (kept so the two paths can be compared on the same inputs; float32/float64 always use SIMT).
-bool use_tensor_cores(DType dtype) {
+// Whether float16/bfloat16 run on tensor cores: yes unless `variable` (LONGFORMER_CUDA_FORWARD,
+// LONGFORMER_CUDA_BACKWARD) says simt (kept so the two paths can be compared on the same inputs;
+// float32/float64 always use SIMT).
+bool use_tensor_cores(DType dtype, const char* variable) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
-  const char* choice = std::getenv("LONGFORMER_CUDA_FORWARD");
+  const char* choice = std::getenv(variable);
   if (choice == nullptr || std::strcmp(choice, "mma") == 0 || std::strcmp(choice, "auto") == 0) return true;
-  TORCH_CHECK(std::strcmp(choice, "simt") == 0, "longformer: LONGFORMER_CUDA_FORWARD must be auto, mma or simt, got ",
-              choice);
+  TORCH_CHECK(std::strcmp(choice, "simt") == 0, "longformer: ", variable, " must be auto, mma or simt, got ", choice);
   return false;
 }
 
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (prep.empty) return {out, lse};
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
-  if (use_tensor_cores(prep.dtype)) {
+  if (use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_FORWARD")) {
     glue_check(banded_attention_forward_mma(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
   } else {
     glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
@@ -159,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
   AttentionParams& p = prep.params;
   set_backward_operands(p, out, grad_out, lse_c, dq, dk, dv);
   at::Tensor scratch = workspace(banded_attention_backward_workspace_bytes(p, prep.dtype), q);
-  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(q)),
+  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype,
+                                       use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_BACKWARD"), glue_stream(q)),
              "banded_attn_backward");
   return {dq, dk, dv};
 }

@@ -1,0 +1,382 @@
+// What the tensor-core attention kernels (banded_attention_forward_mma.cu,
+// banded_attention_backward_mma.cu) share: the block decomposition over dilation residues, the
+// shared-memory row layout, the two warp-level tile products, and the pipeline of key tiles that
+// a block of 64 query rows walks (band tiles, then tiles of gathered global keys).
+//
+// Block decomposition. With dilation d, position i only meets band positions j = i (mod d): the
+// dilated band over N positions is d undilated bands over the strided subsequences r, r + d,
+// r + 2d, ... (docs/design.md §2.1, the dilation identity). A block takes (batch b, head h,
+// residue r < d, tile of 64 consecutive indices s of subsequence r, i.e. positions r + s*d); four
+// warps hold 16 rows each (the mma M dimension).
+#pragma once
+
+#include <cstdint>
+
+#include "async_copy.h"
+#include "device.h"
+#include "launchers.h"
+#include "mma.h"
+
+namespace longformer::cuda::mma_tiles {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockRows = kWarps * 16;  // rows per block: 16 per warp
+constexpr unsigned kFull = 0xffffffffu;
+
+// Shared-memory rows of a padded head dim DP (16-bit elements). The extra 8 elements (16 bytes)
+// shift consecutive rows by 4 banks, so the 8 row addresses of one ldmatrix phase hit distinct
+// banks, while rows stay 16-byte aligned (as ldmatrix and cp.async need).
+template <int DP>
+struct Rows {
+  static_assert(DP == 32 || DP == 64 || DP == 128 || DP == 256, "padded head dims");
+  static constexpr int kPitch = DP + 8;
+  static constexpr int kChunks = DP / 8;  // 16-byte chunks per row
+  static constexpr int64_t bytes(int rows) { return int64_t{rows} * kPitch * 2; }
+};
+
+// Device twin of RowMajorHeads::offset (host-only in params.h): int64 so big tensors cannot wrap.
+__device__ __forceinline__ int64_t head_row_offset(const RowMajorHeads& x, int64_t b, int64_t h, int64_t n) {
+  return b * x.stride_b + h * x.stride_h + n * x.stride_n;
+}
+
+// Whether 16-byte copies are legal for every operand: D % 8 == 0 and 16-byte aligned rows.
+inline bool rows_are_16_byte_aligned(int64_t head_dim, const RowMajorHeads* const* operands, int count) {
+  if (head_dim % 8 != 0) return false;
+  for (int i = 0; i < count; ++i) {
+    const RowMajorHeads& x = *operands[i];
+    if (reinterpret_cast<uintptr_t>(x.data) % 16 != 0 || x.stride_b % 8 != 0 || x.stride_h % 8 != 0 ||
+        x.stride_n % 8 != 0)
+      return false;
+  }
+  return true;
+}
+
+// Starts the copy of one 16-byte chunk (8 elements) of a row of D 16-bit elements into shared
+// memory; columns D..DP-1, and the whole row when src_row is null, become zero. With `vec` it is a
+// cp.async that lands at the next cp_async_wait covering it; otherwise a plain copy, there at once.
+// `any_row` is a valid address for the zero-filling cp.async to name.
+__device__ __forceinline__ void stage_row_chunk(uint16_t* dst_row, const uint16_t* src_row, int chunk, int64_t D,
+                                                bool vec, const uint16_t* any_row) {
+  const int col = chunk * 8;
+  uint16_t* dst = dst_row + col;
+  if (vec) {  // D % 8 == 0: a chunk lies wholly inside or outside the row
+    const bool from_source = src_row != nullptr && col < D;
+    cp_async_16(dst, from_source ? src_row + col : any_row, from_source);
+    return;
+  }
+  if (src_row != nullptr && col < D) {
+    uint16_t tmp[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) tmp[e] = (col + e < D) ? src_row[col + e] : uint16_t{0};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = tmp[e];
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dst[e] = 0;
+}
+
+// Decodes slot `slot` of a head with dilation d into (residue r, subsequence length L, tile).
+// Residues r < N % d have q + 1 = ceil((N - r) / d) rows and come first; the rest have q = N / d.
+// Slots past the last tile return false. Slots per (batch, head): ceil(N / 64) + d covers them all.
+__device__ __forceinline__ bool decode_slot(int64_t slot, int64_t N, int64_t d, int64_t& r, int64_t& L,
+                                            int64_t& tile) {
+  const int64_t q = N / d, rem = N % d;
+  const int64_t t1 = (q + 1 + kBlockRows - 1) / kBlockRows, t0 = (q + kBlockRows - 1) / kBlockRows;
+  if (slot < rem * t1) {
+    r = slot / t1;
+    tile = slot % t1;
+    L = q + 1;
+    return true;
+  }
+  if (t0 == 0) return false;
+  const int64_t s = slot - rem * t1;
+  r = rem + s / t0;
+  tile = s % t0;
+  L = q;
+  return r < d;
+}
+
+inline int64_t slots_per_head(const AttentionParams& p) {
+  return (p.seqlen + kBlockRows - 1) / kBlockRows + p.max_dilation;
+}
+
+// A grid of `blocks` blocks: x up to 2^31 - 1, y for the (huge) rest; false when it cannot hold them.
+inline bool grid_for_blocks(int64_t blocks, dim3& grid) {
+  const int64_t max_x = 2147483647;
+  const int64_t gx = blocks < max_x ? blocks : max_x;
+  const int64_t gy = (blocks + gx - 1) / gx;
+  if (gy > 65535) return false;
+  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy), 1);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level tile products. A fragments (16 rows x 16 of the k dimension, mma.h layouts) come from
+// a_frag(ks, a) for k-step ks; shared-memory operands are rows of Rows<DP>::kPitch elements.
+
+// acc[j] += A B^T for n-tiles j < kNT, where B's rows 8j.. are shared-memory rows (keys) and its
+// k index runs along them (DP columns): S = Q K^T, dP = dO V^T.
+template <typename T, int DP, int kNT, typename AFrag>
+__device__ __forceinline__ void mma_times_rows_transposed(float (&acc)[kNT][4], AFrag&& a_frag, const uint16_t* rows,
+                                                          int lane) {
+  constexpr int kPitch = Rows<DP>::kPitch;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int ks = 0; ks < DP / 16; ++ks) {
+    uint32_t a[4];
+    a_frag(ks, a);
+    if constexpr (DP <= 128) {
+      // Plain ldmatrix, matrix rows are keys: (keys 8j.., k +0..7), (8j.., +8..15), (8j+8.., +0..7),
+      // (8j+8.., +8..15).
+#pragma unroll
+      for (int j = 0; j < kNT; j += 2) {
+        uint32_t kb[4];
+        ldmatrix_x4<false>(kb, rows + (8 * j + 8 * (lane >> 4) + (lane & 7)) * kPitch + ks * 16 + 8 * ((lane >> 3) & 1));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        mma_m16n8k16_f32<T>(acc[j], a, b0, acc[j]);
+        mma_m16n8k16_f32<T>(acc[j + 1], a, b1, acc[j + 1]);
+      }
+    } else {
+      // DP = 256: 32-bit loads (fewer live registers than ldmatrix.x4; ptxas spilled with it).
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const uint16_t* k0 = rows + (8 * j + g) * kPitch + ks * 16 + 2 * t;
+        const uint32_t bb[2] = {load_u32(k0), load_u32(k0 + 8)};
+        mma_m16n8k16_f32<T>(acc[j], a, bb, acc[j]);
+      }
+    }
+  }
+}
+
+// acc[n] += P B for the DP / 8 n-tiles of B's columns, where P is 16 x kRows given as C fragments
+// of kRows / 8 n-tiles (p[j], fp32, rounded to T here) and B's kRows rows are shared-memory rows:
+// O = P V, dQ = dS K, dV = P^T dO, dK = dS^T Q. The C fragments of n-tiles 2kk and 2kk+1 are exactly
+// the A fragment of k-step kk (mma.h), so P never leaves registers.
+template <typename T, int DP, int kRows>
+__device__ __forceinline__ void mma_accumulate_rows(float (&acc)[DP / 8][4], const float (&p)[kRows / 8][4],
+                                                    const uint16_t* rows, int lane) {
+  constexpr int kPitch = Rows<DP>::kPitch;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kRows / 16; ++kk) {
+    const uint32_t a[4] = {pack_f32x2<T>(p[2 * kk][0], p[2 * kk][1]), pack_f32x2<T>(p[2 * kk][2], p[2 * kk][3]),
+                           pack_f32x2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                           pack_f32x2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    if constexpr (DP <= 128) {
+      // B[k][n] = rows[16kk + k][8n + n']: rows are the k index, hence ldmatrix .trans. Matrices:
+      // (rows +0..7, cols 8n..), (rows +8..15, cols 8n..), then the same for n + 1.
+      const uint16_t* r0 = rows + (16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)) * kPitch + 8 * (lane >> 4);
+#pragma unroll
+      for (int n = 0; n < DP / 8; n += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4<true>(vb, r0 + 8 * n);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        mma_m16n8k16_f32<T>(acc[n], a, b0, acc[n]);
+        mma_m16n8k16_f32<T>(acc[n + 1], a, b1, acc[n + 1]);
+      }
+    } else {
+      // DP = 256: two 16-bit loads per register (with ldmatrix ptxas spilled next to the
+      // 128-register accumulator).
+      const uint16_t* r0 = rows + (16 * kk + 2 * t) * kPitch + g;
+#pragma unroll
+      for (int n = 0; n < DP / 8; ++n) {
+        const uint16_t* rn = r0 + 8 * n;
+        const uint32_t bb[2] = {pack_bits(rn[0], rn[kPitch]), pack_bits(rn[8 * kPitch], rn[9 * kPitch])};
+        mma_m16n8k16_f32<T>(acc[n], a, bb, acc[n]);
+      }
+    }
+  }
+}
+
+// The A fragment of k-step ks from 16 shared-memory rows (row-major, kPitch elements apart).
+template <int DP>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t* first_row, int ks, int lane) {
+  constexpr int kPitch = Rows<DP>::kPitch;
+  const uint16_t* p = first_row + (lane >> 2) * kPitch + 2 * (lane & 3) + ks * 16;
+  a[0] = load_u32(p);
+  a[1] = load_u32(p + 8 * kPitch);
+  a[2] = load_u32(p + 8);
+  a[3] = load_u32(p + 8 * kPitch + 8);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The key tiles of one block of query rows, through a two-stage cp.async pipeline: band tiles
+// (subsequence indices [band_begin, band_end) of residue r, kBlockK at a time), then tiles of the
+// batch row's gathered global keys. While the warps compute on one stage, the copies of the next
+// tile are in flight into the other. Keys that are not real keys of the tile's kind (band tiles:
+// local; global tiles: global) are zero rows with flag 0, so that a NaN in a padding row cannot
+// reach a product through 0 * NaN. A tile's flags become one ballot bit mask per warp, and tiles
+// wholly inside every row's band with only real keys (and full non-causal global tiles) skip
+// per-element masking.
+//
+// The backward's dK/dV kernel walks query tiles with the same machinery: its "keys" are the local
+// queries that see a block of keys (window sides swapped), staged from q and grad_out, each with its
+// lse and delta (row_values), and a query whose lse is -inf (it saw no key) counts as excluded.
+template <int DP, int kBlockK>
+struct KeyTilePipeline {
+  using R = Rows<DP>;
+  static constexpr int kStages = 2;
+  static constexpr int64_t kKVBytes = R::bytes(kBlockK);
+  // Layout: K stages | V stages | key positions (int64) per stage | key flags per stage.
+  static constexpr int64_t kKOffset = 0;
+  static constexpr int64_t kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr int64_t kKeyPosOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int64_t kValuesOffset = kKeyPosOffset + int64_t{kStages} * kBlockK * 8;
+  static constexpr int64_t kKeyOkOffset = kValuesOffset + int64_t{kStages} * 2 * kBlockK * 4;
+  static constexpr int64_t kBytes = kKeyOkOffset + int64_t{kStages} * kBlockK;
+  // All kBlockK keys of a tile real and of the tile's kind (the ballot mask of a full tile).
+  static constexpr uint64_t kAllKeys = kBlockK == 64 ? ~uint64_t{0} : (uint64_t{1} << kBlockK) - 1;
+
+  // Set by the kernel before issue(0).
+  const AttentionParams* p;
+  const RowMajorHeads* first;     // staged operands: p->k and p->v (dK/dV kernel: p->q and p->grad_out)
+  const RowMajorHeads* second;
+  // Optional per-row floats staged with the rows, indexed like lse ([B, H, N]); a row whose
+  // row_values[0] is -inf is excluded. Null: none.
+  const float* row_values[2] = {nullptr, nullptr};
+  float value_scale[2] = {1.0f, 1.0f};  // applied when staging (e.g. lse in log2 units)
+  int64_t b, h, r, d, D;
+  int64_t left, right;            // clamped to the subsequence length; right is 0 when causal
+  int64_t band_begin, band_end;   // subsequence indices of the block's band keys
+  const int64_t* global_index;    // the batch row's global positions, ascending
+  int64_t global_count;
+  bool vec;
+  unsigned char* smem;            // kBytes, 16-byte aligned
+
+  int64_t band_tiles = 0, tiles = 0;
+
+  __device__ __forceinline__ void init() {
+    band_tiles = band_end > band_begin ? (band_end - band_begin + kBlockK - 1) / kBlockK : 0;
+    tiles = band_tiles + (global_count + kBlockK - 1) / kBlockK;
+  }
+  __device__ __forceinline__ uint16_t* k_stage(int s) const {
+    return reinterpret_cast<uint16_t*>(smem + kKOffset + s * kKVBytes);
+  }
+  __device__ __forceinline__ uint16_t* v_stage(int s) const {
+    return reinterpret_cast<uint16_t*>(smem + kVOffset + s * kKVBytes);
+  }
+  __device__ __forceinline__ int64_t* key_pos(int s) const {
+    return reinterpret_cast<int64_t*>(smem + kKeyPosOffset) + s * kBlockK;
+  }
+  __device__ __forceinline__ unsigned char* key_ok(int s) const { return smem + kKeyOkOffset + s * kBlockK; }
+  __device__ __forceinline__ float* values(int s, int which) const {
+    return reinterpret_cast<float*>(smem + kValuesOffset) + (s * 2 + which) * kBlockK;
+  }
+
+  // Starts the copies of key tile `tile` into stage tile % 2 and commits them as one group (an
+  // empty group past the last tile, so that every iteration waits for the same count).
+  __device__ __forceinline__ void issue(int64_t tile) const {
+    if (tile < tiles) {
+      const int s = static_cast<int>(tile % kStages);
+      uint16_t* sK = k_stage(s);
+      uint16_t* sV = v_stage(s);
+      const bool band = tile < band_tiles;
+      const int64_t first_index = band ? band_begin + tile * kBlockK : (tile - band_tiles) * kBlockK;
+      const uint8_t* roles = p->roles + b * p->seqlen;
+      const uint16_t* k_base = static_cast<const uint16_t*>(first->data);
+      const uint16_t* v_base = static_cast<const uint16_t*>(second->data);
+      const int64_t value_row = (b * p->heads + h) * p->seqlen;
+      for (int c = static_cast<int>(threadIdx.x); c < kBlockK * R::kChunks; c += kThreads) {
+        const int row = c / R::kChunks, chunk = c % R::kChunks;
+        const int64_t index = first_index + row;
+        int64_t pos = 0;
+        bool ok = false;
+        if (band) {
+          if (index < band_end) {
+            pos = r + index * d;
+            ok = roles[pos] == kLocal;  // globals come once, from the global tiles
+          }
+        } else if (index < global_count) {
+          pos = global_index[index];
+          ok = roles[pos] == kGlobal;  // a padding token marked global is padding (the list should agree)
+        }
+        if (row_values[0] != nullptr) {
+          const float v0 = ok ? row_values[0][value_row + pos] : -INFINITY;
+          ok = ok && v0 != -INFINITY;
+          if (chunk == 0) {
+            values(s, 0)[row] = ok ? v0 * value_scale[0] : 0.0f;
+            values(s, 1)[row] = ok ? row_values[1][value_row + pos] * value_scale[1] : 0.0f;
+          }
+        }
+        if (chunk == 0) {
+          key_ok(s)[row] = ok;
+          key_pos(s)[row] = pos;
+        }
+        stage_row_chunk(sK + row * R::kPitch, ok ? k_base + head_row_offset(*first, b, h, pos) : nullptr, chunk, D,
+                        vec, k_base);
+        stage_row_chunk(sV + row * R::kPitch, ok ? v_base + head_row_offset(*second, b, h, pos) : nullptr, chunk, D,
+                        vec, v_base);
+      }
+    }
+    cp_async_commit();
+  }
+
+  // Walks every tile (issue(0) must have been called). For each tile a warp does not skip it calls
+  // process(sK, sV, stage, allowed), where allowed(i, c) says whether this thread's row i (0: the warp's
+  // row g, 1: g + 8) may see key column 2t + c of the tile (c a compile-time constant after
+  // unrolling: the lambdas fold this lane's 2t into their bounds once per tile). row_s / row_pos
+  // are the rows' subsequence indices and positions, row_ok whether they are computed at all.
+  // Every thread of the block calls it (it holds the barriers).
+  template <typename Process>
+  __device__ __forceinline__ void run(const int64_t (&row_s)[2], const int64_t (&row_pos)[2], const bool (&row_ok)[2],
+                                      Process&& process) const {
+    const int lane = static_cast<int>(threadIdx.x) & 31, t = lane & 3;
+    // A warp whose 16 rows are all padding/global/out of range does no math (it still joins barriers).
+    const bool warp_active = __any_sync(kFull, row_ok[0] || row_ok[1]);
+    // Subsequence indices this warp's rows can reach in the band (for skipping whole key tiles).
+    const int64_t warp_s_first = row_s[0] - (lane >> 2);
+    const int64_t warp_key_lo = warp_s_first - left, warp_key_hi = warp_s_first + 15 + right;
+    const bool causal = p->causal;
+    const auto every_key = [](int, int) { return true; };
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      issue(tile + 1);
+      cp_async_wait<1>();  // this thread's copies of `tile` landed (only tile + 1 may be in flight)
+      __syncthreads();     // ... and every other thread's
+      const int s = static_cast<int>(tile % kStages);
+      const uint16_t* sK = k_stage(s);
+      const uint16_t* sV = v_stage(s);
+      const unsigned char* ok = key_ok(s);
+      const bool band = tile < band_tiles;
+      const int64_t kt0 = band_begin + tile * kBlockK;
+      // Warp-uniform skip: no row is computed, or (band) no row of this warp reaches the tile.
+      const bool skip = !warp_active || (band && (warp_key_hi < kt0 || warp_key_lo >= kt0 + kBlockK));
+      if (!skip) {
+        // The tile's key flags as one bit mask, shifted so that bit c is this lane's column 2t + c.
+        uint64_t keys = __ballot_sync(kFull, ok[lane] != 0);
+        if constexpr (kBlockK == 64) keys |= uint64_t{__ballot_sync(kFull, ok[32 + lane] != 0)} << 32;
+        const bool all_keys = keys == kAllKeys;
+        const uint64_t lane_keys = keys >> (2 * t);
+        if (band) {
+          // Row i sees tile columns kt0 + col in [s_i - left, s_i + right]; as ints relative to
+          // this lane's first column kt0 + 2t.
+          int lo[2], hi[2];
+          bool inside = true;  // every computed row of this thread sees the whole tile
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int64_t l64 = row_s[i] - left - kt0, h64 = row_s[i] + right - kt0;
+            inside &= !row_ok[i] || (l64 <= 0 && h64 >= kBlockK - 1);
+            lo[i] = static_cast<int>(l64 < -1 ? -1 : (l64 > kBlockK ? kBlockK : l64)) - 2 * t;
+            hi[i] = static_cast<int>(h64 < -1 ? -1 : (h64 > kBlockK ? kBlockK : h64)) - 2 * t;
+          }
+          if (__all_sync(kFull, all_keys && inside)) {
+            process(sK, sV, s, every_key);
+          } else {
+            process(sK, sV, s, [&](int i, int c) { return ((lane_keys >> c) & 1) != 0 && c >= lo[i] && c <= hi[i]; });
+          }
+        } else if (!causal && all_keys) {
+          process(sK, sV, s, every_key);
+        } else {
+          const int64_t* lane_pos = key_pos(s) + 2 * t;
+          process(sK, sV, s, [&](int i, int c) {
+            return ((lane_keys >> c) & 1) != 0 && (!causal || lane_pos[c] <= row_pos[i]);
+          });
+        }
+      }
+      __syncthreads();  // every warp is done with this stage before issue(tile + 2) refills it
+    }
+  }
+};
+
+}  // namespace longformer::cuda::mma_tiles
