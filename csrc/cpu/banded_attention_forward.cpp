@@ -54,7 +54,7 @@ void banded_attention_forward(const AttentionParams& p) {
       // Band keys: subsequence indices [begin - left, end - 1 + right], clipped to the sequence.
       const int64_t key_begin = std::max<int64_t>(0, tile.begin - left);
       const int64_t key_end = std::min(tile.length, tile.end + right);
-      band.select(kh, p.k.stride_n, vh, p.v.stride_n, tile.rows(0), tile.length);
+      band.select(kh, p.k.stride_n, vh, p.v.stride_n, tile.rows(0), tile.length, roles);
       for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         const Positions kpos = tile.rows(c0);
@@ -73,7 +73,8 @@ void banded_attention_forward(const AttentionParams& p) {
 
       // Global keys, seen by every local query (only those at or before it when causal).
       const std::vector<int64_t>& g = globals[tile.b];
-      global.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()));
+      global.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()),
+                    roles);
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
         const int64_t keys = g1 - g0;
         for (int64_t r = 0; r < rows; ++r) {

@@ -21,7 +21,8 @@ namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 // The keys of one key sequence (rows seq[0, length) of a head) in the score kernel's layout:
-// panel p holds keys [p W, p W + W), element d of key p W + j at [d][j], zeros past `length`.
+// panel p holds keys [p W, p W + W), element d of key p W + j at [d][j], zeros past `length` and
+// for padding keys (tile_math.h: a masked key must still hold finite values).
 // Panels are packed on first use and kept in a ring: neighbouring band tiles share all but a
 // few panels, so each key is packed about once rather than once per tile.
 template <typename scalar_t>
@@ -35,13 +36,15 @@ class KeyPanels {
     std::fill(tags_.get(), tags_.get() + capacity_, int64_t(-1));
   }
 
-  // Switches to another key sequence (a no-op when it is the current one).
-  void select(const scalar_t* head, int64_t stride_n, Positions seq, int64_t length) {
-    if (head == head_ && stride_n == stride_n_ && seq == seq_ && length == length_) return;
+  // Switches to another key sequence (a no-op when it is the current one); `roles` are its batch
+  // row's.
+  void select(const scalar_t* head, int64_t stride_n, Positions seq, int64_t length, const uint8_t* roles) {
+    if (head == head_ && stride_n == stride_n_ && seq == seq_ && length == length_ && roles == roles_) return;
     head_ = head;
     stride_n_ = stride_n;
     seq_ = seq;
     length_ = length;
+    roles_ = roles;
     std::fill(tags_.get(), tags_.get() + capacity_, int64_t(-1));
   }
 
@@ -53,7 +56,7 @@ class KeyPanels {
     if (tags_.get()[slot] != p) {
       for (int64_t j = 0; j < W; ++j) {
         const int64_t key = p * W + j;
-        if (key < length_) {
+        if (key < length_ && !is_padding(roles_, seq_[key])) {
           const scalar_t* src = head_ + seq_[key] * stride_n_;
           if constexpr (is_half_precision<scalar_t>) {  // widened a vector at a time, then transposed
             acc chunk[64];
@@ -81,13 +84,14 @@ class KeyPanels {
   const scalar_t* head_ = nullptr;
   int64_t stride_n_ = 0, length_ = 0;
   Positions seq_;
+  const uint8_t* roles_ = nullptr;
 };
 
 // The values of one key sequence as back-to-back rows in the accumulation dtype, which p.v steps
 // through row by row: the input itself where its rows already lie so, else a sliding window of
 // converted copies, each row copied once per band rather than once per tile. Rows a whole token
 // apart (heads split from one [N, H * D] projection) or strided by dilation would otherwise cost
-// p.v a TLB miss per row.
+// p.v a TLB miss per row. Padding rows are zeros (tile_math.h), so a block holding one is copied.
 template <typename scalar_t>
 class ValueRows {
  public:
@@ -95,18 +99,21 @@ class ValueRows {
 
   explicit ValueRows(int64_t dim) : dim_(dim), capacity_(2 * kBlockLimit), data_(capacity_ * dim) {}
 
-  void select(const scalar_t* head, int64_t stride_n, Positions seq) {
-    if (head == head_ && stride_n == stride_n_ && seq == seq_) return;
+  void select(const scalar_t* head, int64_t stride_n, Positions seq, const uint8_t* roles) {
+    if (head == head_ && stride_n == stride_n_ && seq == seq_ && roles == roles_) return;
     head_ = head;
     stride_n_ = stride_n;
     seq_ = seq;
+    roles_ = roles;
     first_ = count_ = 0;
   }
 
   // Rows [c0, c0 + n) of the sequence (n <= kBlockLimit), back to back; valid until the next call.
   const acc* rows(int64_t c0, int64_t n) {
     if constexpr (std::is_same_v<scalar_t, acc>) {
-      if (!seq_.list && seq_.step * stride_n_ == dim_) return head_ + seq_[c0] * stride_n_;
+      if (!seq_.list && seq_.step * stride_n_ == dim_ && !any_padding(roles_, seq_.from(c0), n)) {
+        return head_ + seq_[c0] * stride_n_;
+      }
     }
     if (c0 < first_ || c0 > first_ + count_) {  // not adjacent to the rows held: start afresh
       first_ = c0;
@@ -118,7 +125,7 @@ class ValueRows {
     }
     const int64_t held_end = first_ + count_;
     if (c0 + n > held_end) {
-      load_rows(data_.get() + count_ * dim_, head_, stride_n_, seq_.from(held_end), c0 + n - held_end, dim_);
+      load_rows(data_.get() + count_ * dim_, head_, stride_n_, seq_.from(held_end), c0 + n - held_end, dim_, roles_);
       count_ = c0 + n - first_;
     }
     return data_.get() + (c0 - first_) * dim_;
@@ -130,6 +137,7 @@ class ValueRows {
   const scalar_t* head_ = nullptr;
   int64_t stride_n_ = 0, first_ = 0, count_ = 0;  // rows [first_, first_ + count_) are held
   Positions seq_;
+  const uint8_t* roles_ = nullptr;
 };
 
 // One key sequence's keys (packed) and values (back to back), switched together.
@@ -141,9 +149,9 @@ struct KeysAndValues {
   explicit KeysAndValues(int64_t dim) : keys(dim), values(dim) {}
 
   void select(const scalar_t* k_head, int64_t k_stride, const scalar_t* v_head, int64_t v_stride, Positions seq,
-              int64_t length) {
-    keys.select(k_head, k_stride, seq, length);
-    values.select(v_head, v_stride, seq);
+              int64_t length, const uint8_t* roles) {
+    keys.select(k_head, k_stride, seq, length, roles);
+    values.select(v_head, v_stride, seq, roles);
   }
 };
 

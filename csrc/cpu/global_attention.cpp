@@ -62,7 +62,7 @@ void global_attention_forward(const AttentionParams& p) {
       query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
 
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
-      head_keys.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1}, p.seqlen);
+      head_keys.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1}, p.seqlen, roles);
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), query.lo(), query.hi());

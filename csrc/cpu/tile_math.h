@@ -119,13 +119,36 @@ void narrow(scalar_t* dst, const acc* src, int64_t n) {
 #pragma GCC diagnostic pop
 #endif
 
-// Copies `count` rows of one head (rows chosen by `pos`) into dst[count][dim], converting to acc.
-template <typename scalar_t, typename acc>
-void load_rows(acc* dst, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
+// Padding rows (docs/design.md §2: a padding token's inputs reach no real token). Masking a padding
+// key is not enough on its own: its probability is exactly 0, but 0 * NaN = NaN in the products
+// with K and V (and a NaN score stays NaN after adding -inf); likewise in the backward a padding
+// query's rows of P and dS are 0 but meet its q and dO in dK = dS^T Q, dV = P^T dO. So the rows of
+// padding tokens are loaded as zeros wherever a product sums over several tokens' rows. (The
+// forward's own query rows need none of this: a row's scores and output involve no other row, and
+// padding rows' outputs are overwritten with 0.) `roles` is the batch row's [N] roles, indexed by
+// position; null where no row can be padding.
+inline bool is_padding(const uint8_t* roles, int64_t position) { return roles && roles[position] == kPadding; }
+
+inline bool any_padding(const uint8_t* roles, Positions pos, int64_t count) {
+  if (!roles) return false;
   for (int64_t r = 0; r < count; ++r) {
-    const scalar_t* src = head + pos[r] * stride_n;
+    if (roles[pos[r]] == kPadding) return true;
+  }
+  return false;
+}
+
+// Copies `count` rows of one head (rows chosen by `pos`) into dst[count][dim], converting to acc;
+// rows of padding positions (per `roles`, see above) become zeros.
+template <typename scalar_t, typename acc>
+void load_rows(acc* dst, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim,
+               const uint8_t* roles = nullptr) {
+  for (int64_t r = 0; r < count; ++r) {
     acc* row = dst + r * dim;
-    widen(row, src, dim);
+    if (is_padding(roles, pos[r])) {
+      std::fill(row, row + dim, acc(0));
+    } else {
+      widen(row, head + pos[r] * stride_n, dim);
+    }
   }
 }
 
@@ -137,14 +160,18 @@ struct Rows {
 };
 
 // The rows as a view into the input when it already has the accumulation dtype and evenly spaced
-// rows (BLAS reads them in place), else copied (and converted) into `scratch`.
+// rows (BLAS reads them in place) and none of them is padding (per `roles`), else copied (and
+// converted, padding rows as zeros) into `scratch`.
 template <typename scalar_t, typename acc>
-Rows<acc> rows_of(acc* scratch, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim) {
+Rows<acc> rows_of(acc* scratch, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, int64_t dim,
+                  const uint8_t* roles = nullptr) {
   if constexpr (std::is_same_v<scalar_t, acc>) {
     const int64_t ld = pos.step * stride_n;
-    if (!pos.list && ld >= dim && ld <= std::numeric_limits<int32_t>::max()) return {head + pos[0] * stride_n, ld};
+    if (!pos.list && ld >= dim && ld <= std::numeric_limits<int32_t>::max() && !any_padding(roles, pos, count)) {
+      return {head + pos[0] * stride_n, ld};
+    }
   }
-  load_rows(scratch, head, stride_n, pos, count, dim);
+  load_rows(scratch, head, stride_n, pos, count, dim, roles);
   return {scratch, dim};
 }
 
