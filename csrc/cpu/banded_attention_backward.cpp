@@ -36,7 +36,8 @@ struct HeadPointers {
 };
 
 // Per-worker scratch for (query rows x key rows) backward tiles, plus the views of the current
-// query rows (q, dO, lse, delta) and key rows (k, v).
+// query rows (q, dO, lse, delta) and key rows (k, v). Rows of padding tokens are loaded as zeros
+// (tile_math.h): the tile's products sum over query rows (dK, dV) and key rows (dQ, dP).
 template <typename scalar_t>
 struct TileBuffers {
   using acc = acc_type<scalar_t>;
@@ -48,17 +49,19 @@ struct TileBuffers {
       : q_buf(rows * dim), dout_buf(rows * dim), k_buf(keys * dim), v_buf(keys * dim), s(rows * keys),
         ds(rows * keys), lse(rows), delta(rows), dq(rows * dim), bias(keys), lo(rows), hi(rows) {}
 
-  void load_queries(const HeadPointers<scalar_t>& hp, const AttentionParams& p, Positions pos, int64_t rows) {
-    q = rows_of(q_buf.get(), hp.q, p.q.stride_n, pos, rows, p.head_dim);
-    dout = rows_of(dout_buf.get(), hp.dout, p.grad_out.stride_n, pos, rows, p.head_dim);
+  void load_queries(const HeadPointers<scalar_t>& hp, const AttentionParams& p, Positions pos, int64_t rows,
+                    const uint8_t* roles) {
+    q = rows_of(q_buf.get(), hp.q, p.q.stride_n, pos, rows, p.head_dim, roles);
+    dout = rows_of(dout_buf.get(), hp.dout, p.grad_out.stride_n, pos, rows, p.head_dim, roles);
     for (int64_t r = 0; r < rows; ++r) {
       lse.get()[r] = hp.lse[pos[r]];
       delta.get()[r] = hp.delta[pos[r]];
     }
   }
-  void load_keys(const HeadPointers<scalar_t>& hp, const AttentionParams& p, Positions pos, int64_t keys) {
-    k = rows_of(k_buf.get(), hp.k, p.k.stride_n, pos, keys, p.head_dim);
-    v = rows_of(v_buf.get(), hp.v, p.v.stride_n, pos, keys, p.head_dim);
+  void load_keys(const HeadPointers<scalar_t>& hp, const AttentionParams& p, Positions pos, int64_t keys,
+                 const uint8_t* roles) {
+    k = rows_of(k_buf.get(), hp.k, p.k.stride_n, pos, keys, p.head_dim, roles);
+    v = rows_of(v_buf.get(), hp.v, p.v.stride_n, pos, keys, p.head_dim, roles);
   }
   // Scores of the loaded rows and keys, masked by lo/hi (and bias if given), then the backward
   // tile into whichever of dq (this buffer's), dk, dv is non-null.
@@ -85,15 +88,20 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
   const int64_t left = p.window_left, right = p.effective_right();
   const auto globals = positions_with_role(p, kGlobal);
 
-  // delta_i = dO_i . O_i, the softmax-backward row term.
+  // delta_i = dO_i . O_i, the softmax-backward row term; 0 for padding rows, whose dO is never read.
   parallel_tasks(p.batch * p.heads, [&](int64_t first, int64_t last) {
     Scratch<acc> a(D), o(D);
     for (int64_t bh = first; bh < last; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
+      const uint8_t* roles = p.roles + b * p.seqlen;
       const auto* dout = static_cast<const scalar_t*>(p.grad_out.data) + p.grad_out.offset(b, h, 0);
       const auto* out = static_cast<const scalar_t*>(p.out.data) + p.out.offset(b, h, 0);
       auto* delta = static_cast<acc*>(delta_base) + p.lse_offset(b, h, 0);
       for (int64_t n = 0; n < p.seqlen; ++n) {
+        if (roles[n] == kPadding) {
+          delta[n] = acc(0);
+          continue;
+        }
         load_rows(a.get(), dout, p.grad_out.stride_n, Positions{n, 1}, 1, D);
         load_rows(o.get(), out, p.out.stride_n, Positions{n, 1}, 1, D);
         delta[n] = dot(a.get(), o.get(), D);
@@ -123,7 +131,7 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
       for (int64_t a0 = 0; a0 < res.length; a0 += kRowTile) {
         const int64_t rows = std::min(kRowTile, res.length - a0);
         const Positions qpos = at(a0);
-        buf.load_queries(hp, p, qpos, rows);
+        buf.load_queries(hp, p, qpos, rows, roles);
         std::fill(buf.dq.get(), buf.dq.get() + rows * D, acc(0));
 
         const int64_t key_begin = std::max<int64_t>(0, a0 - left);
@@ -131,7 +139,7 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
         for_each_block(key_begin, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
           const int64_t keys = c1 - c0;
           const Positions kpos = at(c0);
-          buf.load_keys(hp, p, kpos, keys);
+          buf.load_keys(hp, p, kpos, keys, roles);
           for (int64_t c = 0; c < keys; ++c) buf.bias.get()[c] = roles[kpos[c]] == kLocal ? acc(0) : neg_inf<acc>();
           for (int64_t r = 0; r < rows; ++r) {
             buf.lo.get()[r] = a0 + r - left - c0;
@@ -142,7 +150,7 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
         const std::vector<int64_t>& g = globals[res.b];
         for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
           const int64_t keys = g1 - g0;
-          buf.load_keys(hp, p, Positions{0, 1, g.data() + g0}, keys);
+          buf.load_keys(hp, p, Positions{0, 1, g.data() + g0}, keys, roles);
           for (int64_t r = 0; r < rows; ++r) {
             buf.lo.get()[r] = 0;
             buf.hi.get()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
@@ -172,6 +180,7 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
       const GlobalBlock& gb = blocks[t];
       const int64_t keys = gb.g1 - gb.g0;
       const int64_t* g = globals[gb.b].data() + gb.g0;
+      const uint8_t* roles = p.roles + gb.b * p.seqlen;
       HeadPointers<scalar_t> hp(p, delta_base, gb.b, gb.h);
       const Positions kpos{0, 1, g};
       std::fill(dk.get(), dk.get() + keys * D, acc(0));
@@ -181,8 +190,8 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t query_begin = p.causal ? g[0] : 0;
       for_each_block(query_begin, p.seqlen, kBlockLimit, [&](int64_t i0, int64_t i1) {
         const int64_t rows = i1 - i0;
-        buf.load_queries(hp, p, Positions{i0, 1}, rows);
-        buf.load_keys(hp, p, kpos, keys);
+        buf.load_queries(hp, p, Positions{i0, 1}, rows, roles);
+        buf.load_keys(hp, p, kpos, keys, roles);
         for (int64_t r = 0; r < rows; ++r) {
           buf.lo.get()[r] = 0;
           buf.hi.get()[r] = p.causal ? count_at_most(g, keys, i0 + r) : keys;

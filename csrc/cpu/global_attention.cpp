@@ -134,8 +134,10 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t key_end = p.causal ? qpos[rows - 1] + 1 : p.seqlen;
       for_each_block(0, key_end, kBlockLimit, [&](int64_t c0, int64_t c1) {
         const int64_t keys = c1 - c0;
-        const Rows<acc> kr = rows_of(k.get(), head(p.k, tile.b, tile.h), p.k.stride_n, Positions{c0, 1}, keys, D);
-        const Rows<acc> vr = rows_of(v.get(), head(p.v, tile.b, tile.h), p.v.stride_n, Positions{c0, 1}, keys, D);
+        const Rows<acc> kr =
+            rows_of(k.get(), head(p.k, tile.b, tile.h), p.k.stride_n, Positions{c0, 1}, keys, D, roles);
+        const Rows<acc> vr =
+            rows_of(v.get(), head(p.v, tile.b, tile.h), p.v.stride_n, Positions{c0, 1}, keys, D, roles);
         mask_global_rows(p, roles, qpos, rows, c0, keys, bias.get(), lo.get(), hi.get());
         score_tile(s.get(), qr, kr, rows, keys, D, static_cast<acc>(p.scale));
         mask_tile(s.get(), rows, keys, lo.get(), hi.get(), bias.get());
@@ -159,8 +161,8 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const int64_t c0 = (t % key_blocks) * kBlockLimit, keys = std::min(kBlockLimit, p.seqlen - c0);
       const uint8_t* roles = p.roles + b * p.seqlen;
       const std::vector<int64_t>& g = globals[b];
-      const Rows<acc> kr = rows_of(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D);
-      const Rows<acc> vr = rows_of(v.get(), head(p.v, b, h), p.v.stride_n, Positions{c0, 1}, keys, D);
+      const Rows<acc> kr = rows_of(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D, roles);
+      const Rows<acc> vr = rows_of(v.get(), head(p.v, b, h), p.v.stride_n, Positions{c0, 1}, keys, D, roles);
       std::fill(dk.get(), dk.get() + keys * D, acc(0));
       std::fill(dv.get(), dv.get() + keys * D, acc(0));
       // With causal attention only global queries at or after c0 see this block.
