@@ -1,4 +1,5 @@
-"""Properties that need no oracle: batching, padding content, bitwise-deterministic backward."""
+"""Properties that need no oracle: batching, padding content (finite and not), bitwise-deterministic
+backward."""
 
 import pytest
 import torch
@@ -48,6 +49,58 @@ def test_padding_rows_get_zero_gradient():
     pad = (am == 0)[:, None, :, None].expand_as(q)
     for g in grads:
         assert torch.equal(g[pad], torch.zeros_like(g[pad]))
+
+
+# One case per dtype and window mode, with and without global tokens and global projections; N = 700
+# walks keys in two blocks (the kernels' block limit is 640).
+_NONFINITE_PADDING_CASES = [
+    Case(batch=2, heads=2, seqlen=150, dim=16, window=9, globals="many", dtype=torch.float32),
+    Case(batch=2, heads=2, seqlen=150, dim=13, window=(12, 3), dilation=[1, 2], globals="one",
+         global_projections=True, dtype=torch.float64, layout="head_split"),
+    Case(batch=2, heads=2, seqlen=150, dim=16, window=(10, 0), causal=True, globals="edges",
+         global_projections=True, dtype=torch.bfloat16),
+    Case(batch=2, heads=1, seqlen=150, dim=16, window=5, dilation=3, dtype=torch.float16, layout="sliced"),
+    Case(batch=2, heads=2, seqlen=700, dim=16, window=(40, 25), dilation=[1, 3], globals="many",
+         global_projections=True, dtype=torch.float32, layout="head_split"),
+]
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("case", _NONFINITE_PADDING_CASES, ids=str)
+def test_nonfinite_padding_does_not_reach_real_tokens(case, fill):
+    # A masked key's probability is exactly 0, but 0 * NaN = NaN: masking alone lets a NaN or inf in
+    # a padding token's q, k, v (or global_q, global_k, global_v, or the incoming gradient of its
+    # always-zero output) into the outputs and gradients of the real rows whose keys reach it.
+    q, k, v, kwargs = make_inputs(case)
+    am = torch.ones(case.batch, case.seqlen, dtype=torch.int64)
+    am[0, case.seqlen - 37:] = 0           # a padded tail
+    am[1, 40:52] = 0                       # a gap with real keys on both sides
+    am[1, ::17] = 0                        # and scattered padding
+    kwargs["attention_mask"] = am
+    if kwargs["global_attention_mask"] is not None:
+        kwargs["global_attention_mask"][1, 45] = True  # padding that is also marked global is padding
+    pad = (am == 0)[:, None, :, None]
+    tensors = differentiable_inputs(q, k, v, kwargs)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(case.seed)).to(case.dtype)
+
+    def run(inputs, grad_out):
+        named = dict(zip(("q", "k", "v", "global_q", "global_k", "global_v"), inputs))
+        kw = {**kwargs, **{n: t for n, t in named.items() if n.startswith("global_")}}
+        out = longformer_attention(named["q"], named["k"], named["v"], case.window, **kw)
+        return [out] + list(torch.autograd.grad(out, inputs, grad_out))
+
+    def poisoned(t):  # same strides, padding rows replaced by `fill`
+        x = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t.detach())
+        return x.masked_fill_(pad, fill)
+
+    finite = run(tensors, grad)
+    nonfinite = run([poisoned(t).requires_grad_() for t in tensors], poisoned(grad))
+    names = ["out", "grad q", "grad k", "grad v", "grad global_q", "grad global_k", "grad global_v"]
+    for name, a, b in zip(names, finite, nonfinite):
+        bad_rows = (~torch.isfinite(b)).any(-1).nonzero()[:, 2].unique().tolist()
+        assert not bad_rows, f"{name}: non-finite in rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''}"
+        assert torch.equal(a, b), f"{name} depends on the padding content"
+        assert torch.equal(b * pad, torch.zeros_like(b)), f"{name}: padding rows must be exactly zero"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_PRECISION])
