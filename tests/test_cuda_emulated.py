@@ -315,10 +315,47 @@ def test_cuda_emulation_routes_forward_and_backward_to_the_emulated_kernels():
         longformer_attention(wide, wide, wide, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_masks_of_every_integer_dtype_and_layout(dtype):
+    """The device-side token preparation (token_roles.cu) reads masks of any integer dtype through
+    their strides: nonzero is set (256 and -1 included, whose low byte or sign is all that differs),
+    a non-contiguous mask equals its contiguous copy, and 700 tokens (3 chunks of 256) keep their
+    global positions in order (causal global rows depend on it)."""
+    b, n = 2, 700
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(b, 1, n, 16, generator=gen) for _ in range(3))
+    real = torch.rand(b, n, generator=gen) > 0.1
+    glob = torch.rand(b, n, generator=gen) > 0.97
+    glob[0, 5] = real[0, 5] = True
+    glob[1, 7], real[1, 7] = True, False  # a padding token marked global is padding
+    kwargs = dict(dilation=2, causal=True)
+    expected = dense_attention(q.double(), k.double(), v.double(), 6, attention_mask=real,
+                               global_attention_mask=glob, **kwargs)
+
+    def as_dtype(mask):
+        if dtype == torch.bool:
+            return mask
+        big = 256 if dtype in (torch.int16, torch.int32, torch.int64) else 1
+        values = torch.where(torch.arange(n) % 2 == 0, big, -1 if dtype != torch.uint8 else 255)
+        return torch.where(mask, values.to(dtype), torch.zeros((), dtype=dtype))
+
+    def strided(mask):  # the same values through a [N, B] buffer: stride 1 along B
+        return mask.t().contiguous().t()
+
+    outs = []
+    for convert in (as_dtype, lambda m: strided(as_dtype(m))):
+        with cuda_emulation():
+            outs.append(longformer_attention(q, k, v, 6, attention_mask=convert(real),
+                                             global_attention_mask=convert(glob), **kwargs))
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0].double() - expected).abs().max().item() < 1e-5
+
+
 # ATen calls each op's glue (csrc/cuda/ops_glue.h, shared by the CUDA build) makes around its
-# kernels today, counted below: a ceiling, so that the glue only gets leaner. Most of them build the
-# token roles and the sorted global positions; a kernel that prepares those would cut them to a few.
-GLUE_ATEN_CALLS = {"banded_attn": 16, "global_attn": 17, "banded_attn_backward": 22, "global_attn_backward": 28,
+# kernels today, counted below: a ceiling, so that the glue only gets leaner. They allocate the
+# outputs, the workspace and the token buffers (token roles and global positions are prepared by
+# one kernel, token_roles.cu), zero the gradients, and view [B, N, H, D] storage as [B, H, N, D].
+GLUE_ATEN_CALLS = {"banded_attn": 6, "global_attn": 7, "banded_attn_backward": 12, "global_attn_backward": 18,
                    "banded_matmul_qk": 1}
 
 

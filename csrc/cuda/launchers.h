@@ -13,6 +13,19 @@ namespace longformer::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// A [B, N] mask of any integer or bool dtype, read as raw elements (nonzero = set), strides in
+// elements; data null: no mask (every element set).
+struct MaskView {
+  const void* data = nullptr;
+  int64_t stride_b = 0, stride_n = 0;
+  int element_bytes = 1;
+};
+
+// roles [B, N] (Role values), global_index [B, N] (each row's global positions ascending, entries
+// past the count unspecified) and global_count [B] from the masks, in one launch (token_roles.cu).
+int prepare_token_roles(const MaskView& attention_mask, const MaskView& global_attention_mask, int64_t batch,
+                        int64_t seqlen, uint8_t* roles, int64_t* global_index, int64_t* global_count, void* stream);
+
 // The global tokens of each batch: index[b * seqlen + g] for g < count[b] are their positions in
 // ascending order (int64, [B, N]; entries past count[b] are unspecified); count is int64 [B].
 struct GlobalKeys {

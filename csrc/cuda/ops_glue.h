@@ -47,11 +47,17 @@ bool use_tensor_cores(DType dtype, const char* variable) {
   return false;
 }
 
+MaskView mask_view(const std::optional<at::Tensor>& mask) {
+  if (!mask) return {};
+  return MaskView{mask->data_ptr(), mask->stride(0), mask->stride(1), static_cast<int>(mask->element_size())};
+}
+
 // Everything the attention launchers read besides the operands, kept alive for the call.
 struct Prepared {
   AttentionParams params;
   GlobalKeys globals;
-  at::Tensor roles, global_index, global_count;
+  at::Tensor roles;
+  at::Tensor global_tokens;  // int64 [B * N + B]: global_index [B, N], then global_count [B]
   DType dtype = DType::kFloat32;
   bool empty = false;
 };
@@ -72,14 +78,15 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   std::vector<int64_t> per_head = per_head_dilation(dilation, q.size(1));
   out.empty = q.numel() == 0;
   if (out.empty) return out;
-  out.roles = token_roles(q, attention_mask, global_attention_mask);
-  // Global positions first, ascending (a stable sort on "not global"), and their count per batch.
-  // `stable` is spelled as an optional: sort(true, 1) would bind to the sort(dim, descending) overload.
-  at::Tensor not_global = out.roles.ne(kGlobal).to(at::kByte);
-  const std::optional<bool> stable = true;
-  out.global_index = std::get<1>(not_global.sort(stable, /*dim=*/1, /*descending=*/false)).contiguous();
-  out.global_count = out.roles.eq(kGlobal).sum(1).to(at::kLong).contiguous();
-  out.globals = GlobalKeys{out.global_index.data_ptr<int64_t>(), out.global_count.data_ptr<int64_t>()};
+  // Token roles and the sorted global positions, prepared on the device from the masks as they are.
+  const int64_t B = q.size(0), N = q.size(2);
+  out.roles = at::empty({B, N}, q.options().dtype(at::kByte));
+  out.global_tokens = at::empty({B * N + B}, q.options().dtype(at::kLong));
+  int64_t* tokens = out.global_tokens.data_ptr<int64_t>();
+  out.globals = GlobalKeys{tokens, tokens + B * N};
+  glue_check(prepare_token_roles(mask_view(attention_mask), mask_view(global_attention_mask), B, N,
+                                 out.roles.data_ptr<uint8_t>(), tokens, tokens + B * N, glue_stream(q)),
+             "token roles");
 
   AttentionParams& p = out.params;
   p.batch = q.size(0);
