@@ -122,6 +122,8 @@ MMA_TILE_CASES = [
     (Case(batch=1, heads=2, seqlen=400, dim=32, window=(150, 90), dilation=[1, 2], seed=62), 70, None),
     (Case(batch=2, heads=1, seqlen=330, dim=64, window=(200, 0), causal=True, seed=63), 70, 250),
     (Case(batch=1, heads=1, seqlen=300, dim=128, window=130, global_projections=True, seed=64), 3, None),
+    # head dims 129-256 (the 256 tile, 16-key tiles; its backward runs on the SIMT kernels)
+    (Case(batch=1, heads=1, seqlen=150, dim=200, window=(40, 20), dilation=2, seed=66), 20, None),
 ]
 
 
@@ -184,13 +186,14 @@ def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatc
 @pytest.mark.parametrize("dtype", HALF_TYPES)
 @pytest.mark.parametrize("backward", ["simt", "mma"])
 def test_both_half_backward_paths(dtype, backward, monkeypatch):
-    """The tensor-core backward of the local rows (D <= 64) and the SIMT one each meet the bound."""
+    """The tensor-core backward of the local rows (D <= 128: tiles 32, 64, 128) and the SIMT one
+    each meet the bound."""
     monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
     rng = random.Random(8)
-    for i in range(5):
+    for i, dim in enumerate([32, 64, 128, 40, 100, 13]):
         case = random_small_case(rng, 950 + i)
         case.dtype = dtype
-        case.dim = rng.choice([32, 64, 40, 13])
+        case.dim = dim
         check_against_oracle(case, *make_inputs(case))
 
 

@@ -1,5 +1,5 @@
 // Backward of the local rows on tensor cores (fp16 / bf16 in, fp32 accumulation), head dims up to
-// 64: the two parts of banded_attention_backward.cu's local_rows_kernel, each with one owner per
+// 128: the two parts of banded_attention_backward.cu's local_rows_kernel, each with one owner per
 // output tile (deterministic, no atomics). With p_ij = exp(scale * q_i . k_j - lse_i),
 // dP_ij = dO_i . v_j and delta_i = dO_i . O_i (the workspace's delta, from delta_kernel):
 //   dQ_i = scale * sum_j p_ij (dP_ij - delta_i) k_j   over the band keys and global keys of local row i
@@ -33,14 +33,21 @@ namespace {
 
 using namespace mma_tiles;
 
-constexpr int kBlockK = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Shared memory of both kernels: the tile pipeline, then the block's own 64 rows of two operands
+// Compile-time shape of one head-dim tile, and the shared memory of both kernels: the tile
+// pipeline (key tiles for dQ, query tiles for dK/dV), then the block's own 64 rows of two operands
 // (dQ: q and grad_out; dK/dV: k and v) and their flags.
-template <int DP>
+template <int DP, bool kQueryTiles>
 struct BwdTiles {
-  using Tiles = KeyTilePipeline<DP, kBlockK>;
+  static_assert(DP == 32 || DP == 64 || DP == 128, "the tensor-core backward takes head dims up to 128");
+  // Up to D = 64 the block's two operands live in registers as A fragments and tiles hold 64 rows.
+  // At 128 the two accumulators alone (dK and dV) take 128 registers: the operands are re-read
+  // from shared memory per tile and tiles hold 32 rows for dQ, 16 for dK/dV (with 32, ptxas
+  // spilled 16-32 bytes there).
+  static constexpr int kBlockK = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
+  static constexpr bool kOperandsInRegisters = DP <= 64;
+  using Tiles = KeyTilePipeline<DP, kBlockK, kQueryTiles>;
   static constexpr int64_t kAOffset = Tiles::kBytes;
   static constexpr int64_t kBOffset = kAOffset + Rows<DP>::bytes(kBlockRows);
   static constexpr int64_t kRowOkOffset = kBOffset + Rows<DP>::bytes(kBlockRows);
@@ -122,8 +129,9 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
 template <typename T, int DP>
 __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                               const float* delta, int64_t slots, bool vec) {
-  using S = BwdTiles<DP>;
+  using S = BwdTiles<DP, false>;
   constexpr int kPitch = Rows<DP>::kPitch;
+  constexpr int kBlockK = S::kBlockK;
   constexpr int kNT = kBlockK / 8;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
@@ -134,21 +142,8 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
   uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
   unsigned char* query_ok = smem + S::kRowOkOffset;
   typename S::Tiles keys;
-  keys.p = &p;
-  keys.first = &p.k;
-  keys.second = &p.v;
-  keys.b = w.b, keys.h = w.h, keys.r = w.r, keys.d = w.d, keys.D = D;
-  keys.left = p.window_left < w.L ? p.window_left : w.L;
-  const int64_t right_raw = p.causal ? 0 : p.window_right;
-  keys.right = right_raw < w.L ? right_raw : w.L;
-  keys.band_begin = w.s0 - keys.left > 0 ? w.s0 - keys.left : 0;
-  const int64_t band_end_raw = w.s0 + w.rows + keys.right;
-  keys.band_end = band_end_raw < w.L ? band_end_raw : w.L;
-  keys.global_index = gk.index + w.b * N;
-  keys.global_count = gk.count[w.b];
-  keys.vec = vec;
-  keys.smem = smem;
-  keys.init();
+  keys.setup(p, p.k, p.v, w.b, w.h, w.r, w.d, w.L, w.s0, w.rows, p.window_left, p.causal ? 0 : p.window_right,
+             gk.index + w.b * N, gk.count[w.b], vec, smem);
 
   stage_block_rows<DP>(p, w, p.q, p.grad_out, true, vec, sQ, sdO, query_ok);
   keys.issue(0);
@@ -156,44 +151,25 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
   __syncthreads();
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int g = lane >> 2;
   int64_t row_s[2], row_pos[2];
   bool row_ok[2];
+  thread_rows(w.s0, w.r, w.d, query_ok, row_s, row_pos, row_ok);
   float lse_log2[2], row_delta[2];
   const int64_t lse_row = (w.b * p.heads + w.h) * N;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int rr = warp * 16 + g + 8 * i;
-    row_s[i] = w.s0 + rr;
-    row_pos[i] = w.r + row_s[i] * w.d;
-    row_ok[i] = query_ok[rr] != 0;
     lse_log2[i] = row_ok[i] ? static_cast<const float*>(p.lse)[lse_row + row_pos[i]] * kLog2e : 0.0f;
     row_delta[i] = row_ok[i] ? delta[lse_row + row_pos[i]] : 0.0f;
   }
-  uint32_t qf[DP / 16][4], dof[DP / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DP / 16; ++ks) {
-    load_a_fragment<DP>(qf[ks], sQ + warp * 16 * kPitch, ks, lane);
-    load_a_fragment<DP>(dof[ks], sdO + warp * 16 * kPitch, ks, lane);
-  }
+  const OperandFragments<DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
+  const OperandFragments<DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  float dq[DP / 8][4];
-#pragma unroll
-  for (int n = 0; n < DP / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+  float dq[DP / 8][4] = {};
 
   keys.run(row_s, row_pos, row_ok, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
-    float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.0f;
-    }
-    mma_times_rows_transposed<T, DP, kNT>(s, [&](int ks, uint32_t (&a)[4]) {
-      a[0] = qf[ks][0], a[1] = qf[ks][1], a[2] = qf[ks][2], a[3] = qf[ks][3];
-    }, sK, lane);
-    mma_times_rows_transposed<T, DP, kNT>(dp, [&](int ks, uint32_t (&a)[4]) {
-      a[0] = dof[ks][0], a[1] = dof[ks][1], a[2] = dof[ks][2], a[3] = dof[ks][3];
-    }, sV, lane);
+    float s[kNT][4] = {}, dp[kNT][4] = {};
+    mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
+    mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -211,8 +187,9 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
 template <typename T, int DP>
 __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
                                                                 int64_t slots, bool vec) {
-  using S = BwdTiles<DP>;
+  using S = BwdTiles<DP, true>;
   constexpr int kPitch = Rows<DP>::kPitch;
+  constexpr int kBlockK = S::kBlockK;
   constexpr int kNT = kBlockK / 8;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
@@ -226,24 +203,10 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionP
   // i - left <= s <= i + right, i.e. i in [s - right, s + left]: the pipeline's window with its sides
   // swapped, and no global tiles (global rows have their own backward).
   typename S::Tiles queries;
-  queries.p = &p;
-  queries.first = &p.q;
-  queries.second = &p.grad_out;
-  queries.row_values[0] = static_cast<const float*>(p.lse);
-  queries.row_values[1] = delta;
-  queries.value_scale[0] = kLog2e;
-  queries.b = w.b, queries.h = w.h, queries.r = w.r, queries.d = w.d, queries.D = D;
-  const int64_t right_raw = p.causal ? 0 : p.window_right;
-  queries.left = right_raw < w.L ? right_raw : w.L;
-  queries.right = p.window_left < w.L ? p.window_left : w.L;
-  queries.band_begin = w.s0 - queries.left > 0 ? w.s0 - queries.left : 0;
-  const int64_t band_end_raw = w.s0 + w.rows + queries.right;
-  queries.band_end = band_end_raw < w.L ? band_end_raw : w.L;
-  queries.global_index = nullptr;
-  queries.global_count = 0;
-  queries.vec = vec;
-  queries.smem = smem;
-  queries.init();
+  queries.setup(p, p.q, p.grad_out, w.b, w.h, w.r, w.d, w.L, w.s0, w.rows, p.causal ? 0 : p.window_right,
+                p.window_left, nullptr, 0, vec, smem);
+  queries.lse = static_cast<const float*>(p.lse);
+  queries.delta = delta;
 
   stage_block_rows<DP>(p, w, p.k, p.v, false, vec, sK, sV, key_ok);
   queries.issue(0);
@@ -251,43 +214,19 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionP
   __syncthreads();
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int g = lane >> 2, t = lane & 3;
+  const int t = lane & 3;
   int64_t row_s[2], row_pos[2];
   bool row_ok[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int rr = warp * 16 + g + 8 * i;
-    row_s[i] = w.s0 + rr;
-    row_pos[i] = w.r + row_s[i] * w.d;
-    row_ok[i] = key_ok[rr] != 0;
-  }
-  uint32_t kf[DP / 16][4], vf[DP / 16][4];
-#pragma unroll
-  for (int ks = 0; ks < DP / 16; ++ks) {
-    load_a_fragment<DP>(kf[ks], sK + warp * 16 * kPitch, ks, lane);
-    load_a_fragment<DP>(vf[ks], sV + warp * 16 * kPitch, ks, lane);
-  }
+  thread_rows(w.s0, w.r, w.d, key_ok, row_s, row_pos, row_ok);
+  const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
+  const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  float dk[DP / 8][4], dv[DP / 8][4];
-#pragma unroll
-  for (int n = 0; n < DP / 8; ++n) {
-    dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.0f;
-    dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
-  }
+  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
   queries.run(row_s, row_pos, row_ok, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
-    float st[kNT][4], dpt[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      st[j][0] = st[j][1] = st[j][2] = st[j][3] = 0.0f;
-      dpt[j][0] = dpt[j][1] = dpt[j][2] = dpt[j][3] = 0.0f;
-    }
-    mma_times_rows_transposed<T, DP, kNT>(st, [&](int ks, uint32_t (&a)[4]) {
-      a[0] = kf[ks][0], a[1] = kf[ks][1], a[2] = kf[ks][2], a[3] = kf[ks][3];
-    }, sQ, lane);
-    mma_times_rows_transposed<T, DP, kNT>(dpt, [&](int ks, uint32_t (&a)[4]) {
-      a[0] = vf[ks][0], a[1] = vf[ks][1], a[2] = vf[ks][2], a[3] = vf[ks][3];
-    }, sdO, lane);
+    float st[kNT][4] = {}, dpt[kNT][4] = {};
+    mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
+    mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
     // This lane's query columns 2t + c: their lse (log2 units) and delta.
     const float* lane_lse = queries.values(stage, 0) + 2 * t;
     const float* lane_delta = queries.values(stage, 1) + 2 * t;
@@ -310,7 +249,6 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionP
 
 template <typename T, int DP>
 int launch_local_backward_mma(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
-  using S = BwdTiles<DP>;
   const int64_t slots = slots_per_head(p);
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
@@ -318,25 +256,28 @@ int launch_local_backward_mma(const AttentionParams& p, const GlobalKeys& g, con
   const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 4);
   auto dq = local_dq_mma_kernel<T, DP>;
   auto dkdv = local_dkdv_mma_kernel<T, DP>;
-  if (const int err = allow_shared_bytes(dq, S::kSmemBytes)) return err;
-  if (const int err = allow_shared_bytes(dkdv, S::kSmemBytes)) return err;
-  const int bytes = static_cast<int>(S::kSmemBytes);
-  if (const int err = LONGFORMER_LAUNCH(dq, grid, dim3(kThreads, 1, 1), bytes, stream, p, g, delta, slots, vec))
+  constexpr int64_t kDqBytes = BwdTiles<DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<DP, true>::kSmemBytes;
+  if (const int err = allow_shared_bytes(dq, kDqBytes)) return err;
+  if (const int err = allow_shared_bytes(dkdv, kDkdvBytes)) return err;
+  if (const int err = LONGFORMER_LAUNCH(dq, grid, dim3(kThreads, 1, 1), static_cast<int>(kDqBytes), stream, p, g,
+                                        delta, slots, vec))
     return err;
-  return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), bytes, stream, p, delta, slots, vec);
+  return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), static_cast<int>(kDkdvBytes), stream, p, delta, slots,
+                           vec);
 }
 
 template <typename T>
 int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
   if (p.head_dim <= 32) return launch_local_backward_mma<T, 32>(p, g, delta, stream);
   if (p.head_dim <= 64) return launch_local_backward_mma<T, 64>(p, g, delta, stream);
+  if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
   return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 64;
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
 int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,

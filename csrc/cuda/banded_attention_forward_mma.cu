@@ -35,8 +35,8 @@ using namespace mma_tiles;
 template <int DP>
 struct FwdTiles {
   // Keys per tile: 64 keeps S at 32 registers per thread; at DP = 256 the O accumulator alone is
-  // 128 registers, so S shrinks to 32 keys.
-  static constexpr int kBlockK = DP <= 128 ? 64 : 32;
+  // 128 registers, so S shrinks to 16 keys (with 32, ptxas spilled 8 bytes on sm_90).
+  static constexpr int kBlockK = DP <= 128 ? 64 : 16;
   // Q fragments live in registers up to DP = 128 (32 registers); at 256 they are re-read from shared
   // memory per key tile to leave room for the accumulator.
   static constexpr bool kQInRegisters = DP <= 128;
@@ -55,7 +55,6 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   constexpr int kBlockK = Tiles::kBlockK;
   constexpr int kPitch = Rows<DP>::kPitch;
   constexpr int kNT = kBlockK / 8;  // n-tiles of S per key tile
-  constexpr int kKS = DP / 16;      // k-steps of Q K^T
   constexpr int kON = DP / 8;       // n-tiles of O
   constexpr float kLn2 = 0.693147180559945309f;
 
@@ -76,26 +75,13 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
   unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
   typename Tiles::Keys keys;
-  keys.p = &p;
-  keys.first = &p.k;
-  keys.second = &p.v;
-  keys.b = b, keys.h = h, keys.r = r, keys.d = d, keys.D = D;
-  // Windows wider than the subsequence act like L; clamping keeps all index arithmetic small.
-  keys.left = p.window_left < L ? p.window_left : L;
-  const int64_t right_raw = p.causal ? 0 : p.window_right;  // causal: no band key right of the diagonal
-  keys.right = right_raw < L ? right_raw : L;
-  keys.band_begin = s0 - keys.left > 0 ? s0 - keys.left : 0;
-  const int64_t band_end_raw = s0 + rows + keys.right;  // exclusive
-  keys.band_end = band_end_raw < L ? band_end_raw : L;
-  keys.global_index = gk.index + b * N;
-  keys.global_count = gk.count[b];
-  keys.vec = vec;
-  keys.smem = smem;
-  keys.init();
+  // causal: no band key right of the diagonal
+  keys.setup(p, p.k, p.v, b, h, r, d, L, s0, rows, p.window_left, p.causal ? 0 : p.window_right, gk.index + b * N,
+             gk.count[b], vec, smem);
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, t = lane & 3;
+  const int t = lane & 3;
   const uint8_t* roles = p.roles + b * N;
   const uint16_t* q_base = static_cast<const uint16_t*>(p.q.data);
 
@@ -116,44 +102,21 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   cp_async_wait<1>();  // the Q group landed (tile 0 may still be in flight)
   __syncthreads();
 
-  // ---- this thread's two rows: warp*16 + g and + 8
   int64_t row_s[2], row_pos[2];
   bool row_ok[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int rr = warp * 16 + g + 8 * i;
-    row_s[i] = s0 + rr;
-    row_pos[i] = r + row_s[i] * d;
-    row_ok[i] = query_ok[rr] != 0;
-  }
+  thread_rows(s0, r, d, query_ok, row_s, row_pos, row_ok);
 
-  const uint16_t* q_rows = sQ + warp * 16 * kPitch;
-  uint32_t qf[Tiles::kQInRegisters ? kKS : 1][4];
-  if constexpr (Tiles::kQInRegisters) {
-#pragma unroll
-    for (int ks = 0; ks < kKS; ++ks) load_a_fragment<DP>(qf[ks], q_rows, ks, lane);
-  }
-  auto q_fragment = [&](int ks, uint32_t (&a)[4]) {
-    if constexpr (Tiles::kQInRegisters) {
-      a[0] = qf[ks][0], a[1] = qf[ks][1], a[2] = qf[ks][2], a[3] = qf[ks][3];
-    } else {
-      load_a_fragment<DP>(a, q_rows, ks, lane);
-    }
-  };
+  const OperandFragments<DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
 
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  float o[kON][4];
-#pragma unroll
-  for (int n = 0; n < kON; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float o[kON][4] = {};
   // Running max (of score * scale * log2 e) and this lane's partial sum of exp2(x - max), per row.
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
 
   // One key tile in shared memory: S = Q K^T, mask, online softmax, O += P V.
   keys.run(row_s, row_pos, row_ok, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
-    float s[kNT][4];
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    float s[kNT][4] = {};
     mma_times_rows_transposed<T, DP, kNT>(s, q_fragment, sK, lane);
 
     // Mask and scale; masked entries are -inf (exp2 gives exactly 0 for them).

@@ -47,7 +47,7 @@ int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, 
 
 int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // `tensor_cores`: the local rows' dQ and the local keys' dK/dV on tensor cores where
-// banded_attention_backward_mma_supports (float16/bfloat16, D <= 64); SIMT otherwise and for the
+// banded_attention_backward_mma_supports (float16/bfloat16, D <= 128); SIMT otherwise and for the
 // rest (delta, the global keys' dK/dV).
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                               bool tensor_cores, void* stream);

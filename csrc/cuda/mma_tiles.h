@@ -201,6 +201,41 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t
   a[3] = load_u32(p + 8 * kPitch + 8);
 }
 
+// This thread's two rows of a block (its warp's rows g and g + 8): their subsequence indices,
+// positions, and whether they are computed (the block's row flags in shared memory).
+__device__ __forceinline__ void thread_rows(int64_t s0, int64_t r, int64_t d, const unsigned char* row_flags,
+                                            int64_t (&row_s)[2], int64_t (&row_pos)[2], bool (&row_ok)[2]) {
+  const int rr0 = (static_cast<int>(threadIdx.x) >> 5) * 16 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_s[i] = s0 + rr0 + 8 * i;
+    row_pos[i] = r + row_s[i] * d;
+    row_ok[i] = row_flags[rr0 + 8 * i] != 0;
+  }
+}
+
+// The A fragments of a warp's 16 rows for every k-step, as a_frag for the products above: held in
+// registers (kInRegisters) or re-read from shared memory per use (when registers are short).
+template <int DP, bool kInRegisters>
+struct OperandFragments {
+  uint32_t f[kInRegisters ? DP / 16 : 1][4];
+  const uint16_t* rows;
+  int lane;
+  __device__ __forceinline__ OperandFragments(const uint16_t* first_row, int lane_id) : rows(first_row), lane(lane_id) {
+    if constexpr (kInRegisters) {
+#pragma unroll
+      for (int ks = 0; ks < DP / 16; ++ks) load_a_fragment<DP>(f[ks], rows, ks, lane);
+    }
+  }
+  __device__ __forceinline__ void operator()(int ks, uint32_t (&a)[4]) const {
+    if constexpr (kInRegisters) {
+      a[0] = f[ks][0], a[1] = f[ks][1], a[2] = f[ks][2], a[3] = f[ks][3];
+    } else {
+      load_a_fragment<DP>(a, rows, ks, lane);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The key tiles of one block of query rows, through a two-stage cp.async pipeline: band tiles
 // (subsequence indices [band_begin, band_end) of residue r, kBlockK at a time), then tiles of the
@@ -211,10 +246,11 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t
 // wholly inside every row's band with only real keys (and full non-causal global tiles) skip
 // per-element masking.
 //
-// The backward's dK/dV kernel walks query tiles with the same machinery: its "keys" are the local
-// queries that see a block of keys (window sides swapped), staged from q and grad_out, each with its
-// lse and delta (row_values), and a query whose lse is -inf (it saw no key) counts as excluded.
-template <int DP, int kBlockK>
+// The backward's dK/dV kernel walks query tiles with the same machinery (kQueryRows): its "keys"
+// are the local queries that see a block of keys (window sides swapped), staged from q and
+// grad_out, each with its lse (in log2 units) and delta (values(stage, 0 / 1)), and a query whose
+// lse is -inf (it saw no key) counts as excluded.
+template <int DP, int kBlockK, bool kQueryRows = false>
 struct KeyTilePipeline {
   using R = Rows<DP>;
   static constexpr int kStages = 2;
@@ -224,30 +260,50 @@ struct KeyTilePipeline {
   static constexpr int64_t kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int64_t kKeyPosOffset = kVOffset + kStages * kKVBytes;
   static constexpr int64_t kValuesOffset = kKeyPosOffset + int64_t{kStages} * kBlockK * 8;
-  static constexpr int64_t kKeyOkOffset = kValuesOffset + int64_t{kStages} * 2 * kBlockK * 4;
+  static constexpr int64_t kKeyOkOffset = kValuesOffset + (kQueryRows ? int64_t{kStages} * 2 * kBlockK * 4 : 0);
   static constexpr int64_t kBytes = kKeyOkOffset + int64_t{kStages} * kBlockK;
   // All kBlockK keys of a tile real and of the tile's kind (the ballot mask of a full tile).
+  static_assert(kBlockK == 16 || kBlockK == 32 || kBlockK == 64, "tile rows: whole k-steps, at most 64 (one ballot pair)");
   static constexpr uint64_t kAllKeys = kBlockK == 64 ? ~uint64_t{0} : (uint64_t{1} << kBlockK) - 1;
 
-  // Set by the kernel before issue(0).
+  // Set by setup(), before issue(0).
   const AttentionParams* p;
   const RowMajorHeads* first;     // staged operands: p->k and p->v (dK/dV kernel: p->q and p->grad_out)
   const RowMajorHeads* second;
-  // Optional per-row floats staged with the rows, indexed like lse ([B, H, N]); a row whose
-  // row_values[0] is -inf is excluded. Null: none.
-  const float* row_values[2] = {nullptr, nullptr};
-  float value_scale[2] = {1.0f, 1.0f};  // applied when staging (e.g. lse in log2 units)
   int64_t b, h, r, d, D;
-  int64_t left, right;            // clamped to the subsequence length; right is 0 when causal
+  int64_t left, right;            // clamped to the subsequence length
   int64_t band_begin, band_end;   // subsequence indices of the block's band keys
   const int64_t* global_index;    // the batch row's global positions, ascending
   int64_t global_count;
   bool vec;
   unsigned char* smem;            // kBytes, 16-byte aligned
+  // kQueryRows: the lse and delta of every row, [B, H, N] (lse is -inf where a row saw no key).
+  const float* lse = nullptr;
+  const float* delta = nullptr;
 
   int64_t band_tiles = 0, tiles = 0;
 
-  __device__ __forceinline__ void init() {
+  // Sets the pipeline up for a block's rows s0 .. s0 + rows - 1 of residue r's subsequence (L rows),
+  // row s seeing tile rows [s - window_left, s + window_right]. Windows wider than the subsequence
+  // act like L; clamping keeps all index arithmetic small.
+  __device__ __forceinline__ void setup(const AttentionParams& params, const RowMajorHeads& first_operand,
+                                        const RowMajorHeads& second_operand, int64_t batch, int64_t head,
+                                        int64_t residue, int64_t dilation, int64_t L, int64_t s0, int rows,
+                                        int64_t window_left, int64_t window_right, const int64_t* globals,
+                                        int64_t globals_count, bool vectorised, unsigned char* shared) {
+    p = &params;
+    first = &first_operand;
+    second = &second_operand;
+    b = batch, h = head, r = residue, d = dilation, D = params.head_dim;
+    left = window_left < L ? window_left : L;
+    right = window_right < L ? window_right : L;
+    band_begin = s0 - left > 0 ? s0 - left : 0;
+    const int64_t band_end_raw = s0 + rows + right;  // exclusive
+    band_end = band_end_raw < L ? band_end_raw : L;
+    global_index = globals;
+    global_count = globals_count;
+    vec = vectorised;
+    smem = shared;
     band_tiles = band_end > band_begin ? (band_end - band_begin + kBlockK - 1) / kBlockK : 0;
     tiles = band_tiles + (global_count + kBlockK - 1) / kBlockK;
   }
@@ -277,7 +333,6 @@ struct KeyTilePipeline {
       const uint8_t* roles = p->roles + b * p->seqlen;
       const uint16_t* k_base = static_cast<const uint16_t*>(first->data);
       const uint16_t* v_base = static_cast<const uint16_t*>(second->data);
-      const int64_t value_row = (b * p->heads + h) * p->seqlen;
       for (int c = static_cast<int>(threadIdx.x); c < kBlockK * R::kChunks; c += kThreads) {
         const int row = c / R::kChunks, chunk = c % R::kChunks;
         const int64_t index = first_index + row;
@@ -292,12 +347,14 @@ struct KeyTilePipeline {
           pos = global_index[index];
           ok = roles[pos] == kGlobal;  // a padding token marked global is padding (the list should agree)
         }
-        if (row_values[0] != nullptr) {
-          const float v0 = ok ? row_values[0][value_row + pos] : -INFINITY;
-          ok = ok && v0 != -INFINITY;
+        if constexpr (kQueryRows) {
+          constexpr float kLog2e = 1.4426950408889634f;
+          const int64_t at = (b * p->heads + h) * p->seqlen + pos;  // lse's layout
+          const float row_lse = ok ? lse[at] : -INFINITY;
+          ok = ok && row_lse != -INFINITY;
           if (chunk == 0) {
-            values(s, 0)[row] = ok ? v0 * value_scale[0] : 0.0f;
-            values(s, 1)[row] = ok ? row_values[1][value_row + pos] * value_scale[1] : 0.0f;
+            values(s, 0)[row] = ok ? row_lse * kLog2e : 0.0f;
+            values(s, 1)[row] = ok ? delta[at] : 0.0f;
           }
         }
         if (chunk == 0) {
@@ -344,7 +401,7 @@ struct KeyTilePipeline {
       const bool skip = !warp_active || (band && (warp_key_hi < kt0 || warp_key_lo >= kt0 + kBlockK));
       if (!skip) {
         // The tile's key flags as one bit mask, shifted so that bit c is this lane's column 2t + c.
-        uint64_t keys = __ballot_sync(kFull, ok[lane] != 0);
+        uint64_t keys = __ballot_sync(kFull, lane < kBlockK && ok[lane] != 0);
         if constexpr (kBlockK == 64) keys |= uint64_t{__ballot_sync(kFull, ok[32 + lane] != 0)} << 32;
         const bool all_keys = keys == kAllKeys;
         const uint64_t lane_keys = keys >> (2 * t);
