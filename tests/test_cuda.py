@@ -69,6 +69,19 @@ def _sweep():
 
 @pytest.mark.parametrize("case", _sweep(), ids=str)
 def test_cuda_matches_oracle(case):
+    _check_against_oracle(case)
+
+
+@pytest.mark.parametrize("backward", ["simt", "mma"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_both_half_backward_paths(backward, dim, monkeypatch):
+    """The tensor-core backward of the local rows (the default) and the SIMT one it replaced."""
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
+    _check_against_oracle(Case(batch=2, heads=2, seqlen=1537, dim=dim, window=(200, 70), dilation=[1, 3],
+                               globals="many", padding=True, causal=dim == 128, dtype=torch.bfloat16, seed=77))
+
+
+def _check_against_oracle(case):
     tensors, kwargs = _inputs(case)
     out, grads, grad = _run(case, tensors, kwargs)
     assert out.is_cuda and out.shape == tensors[0].shape and torch.isfinite(out).all()
