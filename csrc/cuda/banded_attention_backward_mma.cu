@@ -54,30 +54,6 @@ struct BwdTiles {
   static constexpr int64_t kSmemBytes = kRowOkOffset + kBlockRows;
 };
 
-// The block's (batch, head, residue r, subsequence length L, first row s0, row count).
-struct BlockRows {
-  int64_t b, h, d, r, L, s0;
-  int rows;
-  bool valid;
-};
-
-__device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int64_t slots) {
-  BlockRows w{};
-  const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
-  w.valid = false;
-  if (linear >= p.batch * p.heads * slots) return w;
-  const int64_t slot = linear % slots;
-  w.h = (linear / slots) % p.heads;
-  w.b = linear / (slots * p.heads);
-  w.d = p.dilation[w.h];
-  int64_t tile;
-  if (!decode_slot(slot, p.seqlen, w.d, w.r, w.L, tile)) return w;
-  w.s0 = tile * kBlockRows;
-  w.rows = static_cast<int>(w.L - w.s0 < kBlockRows ? w.L - w.s0 : kBlockRows);
-  w.valid = true;
-  return w;
-}
-
 // Stages the block's rows of operands a and b (local rows, and for queries only those with a
 // finite lse; others zero with flag 0) as one cp.async group.
 template <int DP>

@@ -59,17 +59,11 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   constexpr float kLn2 = 0.693147180559945309f;
 
   // ---- which (b, h, r, tile) this block owns
-  const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
+  const BlockRows w = decode_block(p, slots);
+  if (!w.valid) return;
   const int64_t H = p.heads, N = p.seqlen, D = p.head_dim;
-  if (linear >= p.batch * H * slots) return;
-  const int64_t slot = linear % slots;
-  const int64_t h = (linear / slots) % H;
-  const int64_t b = linear / (slots * H);
-  const int64_t d = p.dilation[h];
-  int64_t r, L, query_tile;
-  if (!decode_slot(slot, N, d, r, L, query_tile)) return;
-  const int64_t s0 = query_tile * kBlockRows;
-  const int rows = static_cast<int>(L - s0 < kBlockRows ? L - s0 : kBlockRows);
+  const int64_t b = w.b, h = w.h, d = w.d, r = w.r, L = w.L, s0 = w.s0;
+  const int rows = w.rows;
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);

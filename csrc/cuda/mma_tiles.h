@@ -98,6 +98,31 @@ __device__ __forceinline__ bool decode_slot(int64_t slot, int64_t N, int64_t d, 
   return r < d;
 }
 
+// This block's (batch, head, residue r, subsequence length L, first row s0, row count), decoded
+// from its linear index over batch x heads x slots; `valid` false for a slot past the last tile.
+struct BlockRows {
+  int64_t b, h, d, r, L, s0;
+  int rows;
+  bool valid;
+};
+
+__device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int64_t slots) {
+  BlockRows w{};
+  const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
+  w.valid = false;
+  if (linear >= p.batch * p.heads * slots) return w;
+  const int64_t slot = linear % slots;
+  w.h = (linear / slots) % p.heads;
+  w.b = linear / (slots * p.heads);
+  w.d = p.dilation[w.h];
+  int64_t tile;
+  if (!decode_slot(slot, p.seqlen, w.d, w.r, w.L, tile)) return w;
+  w.s0 = tile * kBlockRows;
+  w.rows = static_cast<int>(w.L - w.s0 < kBlockRows ? w.L - w.s0 : kBlockRows);
+  w.valid = true;
+  return w;
+}
+
 inline int64_t slots_per_head(const AttentionParams& p) {
   return (p.seqlen + kBlockRows - 1) / kBlockRows + p.max_dilation;
 }
