@@ -141,18 +141,15 @@ def test_cuda_opcheck():
     gm = torch.zeros(2, 11, dtype=torch.bool, device="cuda")
     gm[0, 0] = gm[1, 3] = gm[1, 7] = True
     for dtype in (torch.float32, torch.float16):
-        q, k, v = (heads(dtype).requires_grad_() for _ in range(3))
-        args = (q, k, v, 2, 1, [1, 2, 1], am, gm, False, 0.4)
-        torch.library.opcheck(ops.banded_attn, args)
-        out, lse = ops.banded_attn(*args)
+        q, k, v, gq, gk, gv = (heads(dtype).requires_grad_() for _ in range(6))
         grad = heads(dtype)
-        torch.library.opcheck(ops.banded_attn_backward, (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                                         2, 1, [1, 2, 1], am, gm, False, 0.4))
-        gargs = (q, k, v, gm, am, True, 0.4, out.detach().requires_grad_())
-        torch.library.opcheck(ops.global_attn, gargs)
-        new_out, glse = ops.global_attn(*gargs)
-        torch.library.opcheck(ops.global_attn_backward, (grad, q.detach(), k.detach(), v.detach(), new_out.detach(),
-                                                         glse, gm, am, True, 0.4))
+        for glob in ((), (gq, gk, gv)):
+            args = (q, k, v, 2, 1, [1, 2, 1], am, gm, bool(glob), 0.4, *glob)
+            torch.library.opcheck(ops.banded_attn, args)
+            out, lse = ops.banded_attn(*args)
+            torch.library.opcheck(ops.banded_attn_backward, (grad, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                             lse, 2, 1, [1, 2, 1], am, gm, bool(glob), 0.4,
+                                                             *(t.detach() for t in glob)))
         p = torch.randn(2, 3, 11, 4, generator=gen).to("cuda", dtype).requires_grad_()
         torch.library.opcheck(ops.banded_matmul_qk, (q, k, 2, 1, [1, 3, 2], float("-inf")))
         torch.library.opcheck(ops.banded_matmul_pv, (p, k, 2, 1, [1, 3, 2]))

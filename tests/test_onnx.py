@@ -194,13 +194,13 @@ def test_op_float64_matches_pytorch(tmp_path):
 
 
 class RawOps(torch.nn.Module):
-    """Both outputs of both ops, lse included."""
+    """Both outputs of the op, lse included, without and with global projections."""
 
     def forward(self, q, k, v, attention_mask, global_attention_mask, global_q, global_k, global_v):
         out, lse = torch.ops.longformer.banded_attn(q, k, v, 2, 3, [1, 2, 1, 1], attention_mask, global_attention_mask,
                                                     False, 0.3)
-        out2, lse2 = torch.ops.longformer.global_attn(global_q, global_k, global_v, global_attention_mask,
-                                                      attention_mask, False, 0.3, out)
+        out2, lse2 = torch.ops.longformer.banded_attn(q, k, v, 2, 3, [1, 2, 1, 1], attention_mask,
+                                                      global_attention_mask, False, 0.3, global_q, global_k, global_v)
         return out, lse, out2, lse2
 
 
@@ -209,10 +209,10 @@ def test_op_lse_outputs_match_pytorch(tmp_path):
     session = export_op_module(module, tmp_path / "raw.onnx")
     for batch, n in RUN_SIZES[:2]:
         feeds = op_inputs(batch, n, seed=n + 1)
-        for name, actual, expected in zip(("out", "lse", "global out", "global lse"), _run(session, feeds),
+        for name, actual, expected in zip(("out", "lse", "projected out", "projected lse"), _run(session, feeds),
                                           module(*feeds.values())):
             actual = torch.from_numpy(actual)
-            # -inf exactly where PyTorch has -inf (padding and global rows of lse), close elsewhere.
+            # -inf exactly where PyTorch has -inf (padding rows of lse), close elsewhere.
             assert torch.equal(torch.isneginf(actual), torch.isneginf(expected)), name
             finite = torch.isfinite(expected)
             torch.testing.assert_close(actual[finite], expected[finite], atol=ATOL, rtol=RTOL,

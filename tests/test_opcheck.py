@@ -24,23 +24,19 @@ def _masks():
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("masks", [False, True])
-def test_opcheck_attention_ops(dtype, masks):
+@pytest.mark.parametrize("projections", [False, True])
+def test_opcheck_attention_ops(dtype, masks, projections):
     gen = torch.Generator().manual_seed(0)
     am, gm = _masks() if masks else (None, None)
     q, k, v = (_heads(gen, dtype, requires_grad=True) for _ in range(3))
-    args = (q, k, v, 2, 1, [1, 2, 1], am, gm, False, 0.4)
+    glob = tuple(_heads(gen, dtype, requires_grad=True) for _ in range(3)) if projections else ()
+    args = (q, k, v, 2, 1, [1, 2, 1], am, gm, masks, 0.4, *glob)
     torch.library.opcheck(ops.banded_attn, args)
     out, lse = ops.banded_attn(*args)
     grad = _heads(gen, dtype)
     torch.library.opcheck(ops.banded_attn_backward, (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                                     2, 1, [1, 2, 1], am, gm, False, 0.4))
-    if gm is None:
-        return
-    gargs = (q, k, v, gm, am, True, 0.4, out.detach().requires_grad_())
-    torch.library.opcheck(ops.global_attn, gargs)
-    new_out, glse = ops.global_attn(*gargs)
-    torch.library.opcheck(ops.global_attn_backward, (grad, q.detach(), k.detach(), v.detach(), new_out.detach(),
-                                                     glse, gm, am, True, 0.4))
+                                                     2, 1, [1, 2, 1], am, gm, masks, 0.4,
+                                                     *(t.detach() for t in glob)))
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -51,3 +47,21 @@ def test_opcheck_banded_matmuls(dtype):
     torch.library.opcheck(ops.banded_matmul_qk, (q, k, 2, 1, [1, 3, 2], float("-inf")))
     torch.library.opcheck(ops.banded_matmul_pv, (p, k, 2, 1, [1, 3, 2]))
     torch.library.opcheck(ops.banded_matmul_pv_transposed, (p, q, 2, 1, [2]))
+
+
+def test_global_rows_are_written_into_the_output_without_a_copy():
+    """One op computes local and global rows: the forward allocates one output and copies nothing
+    (a separate global-rows op would have to copy the local rows' output to stay functional)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (_heads(gen, torch.float32, n=64) for _ in range(3))
+    am, gm = torch.ones(2, 64, dtype=torch.bool), torch.zeros(2, 64, dtype=torch.bool)
+    gm[:, [0, 9]] = True
+    with torch.profiler.profile(record_shapes=True) as prof:
+        ops.banded_attn(q, k, v, 2, 2, [1], am, gm, False, 0.5)
+    events = prof.events()
+    assert "longformer::banded_attn" in [e.name for e in events]
+    # The masks' conversion to token roles copies [B, N] bytes; nothing else is copied.
+    copying = ("aten::copy_", "aten::clone", "aten::masked_fill_")
+    copies = [(e.name, e.input_shapes) for e in events
+              if e.name in copying and any(len(shape) == 4 for shape in e.input_shapes)]
+    assert not copies, copies

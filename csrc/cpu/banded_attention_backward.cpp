@@ -53,8 +53,10 @@ struct TileBuffers {
                     const uint8_t* roles) {
     q = rows_of(q_buf.get(), hp.q, p.q.stride_n, pos, rows, p.head_dim, roles);
     dout = rows_of(dout_buf.get(), hp.dout, p.grad_out.stride_n, pos, rows, p.head_dim, roles);
+    // Only local rows are this kernel's: a global row's lse (from the global rows' kernel) is
+    // finite, so it is read as -inf here, which excludes the row (backward_tile).
     for (int64_t r = 0; r < rows; ++r) {
-      lse.get()[r] = hp.lse[pos[r]];
+      lse.get()[r] = roles[pos[r]] == kLocal ? hp.lse[pos[r]] : neg_inf<acc>();
       delta.get()[r] = hp.delta[pos[r]];
     }
   }
@@ -185,7 +187,7 @@ void banded_attention_backward(const AttentionParams& p, void* delta_base) {
       const Positions kpos{0, 1, g};
       std::fill(dk.get(), dk.get() + keys * D, acc(0));
       std::fill(dv.get(), dv.get() + keys * D, acc(0));
-      // Non-local rows carry lse = -inf and so contribute nothing; with causal attention the
+      // Non-local rows are read with lse = -inf and so contribute nothing; with causal attention the
       // first query that can see any of these keys is the first of them.
       const int64_t query_begin = p.causal ? g[0] : 0;
       for_each_block(query_begin, p.seqlen, kBlockLimit, [&](int64_t i0, int64_t i1) {

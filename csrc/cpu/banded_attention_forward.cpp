@@ -1,6 +1,7 @@
 // Fused forward of the local rows: every local query attends to its (dilated) band keys that are
 // local, plus every real global key, with one online softmax and no [N, window] buffer.
-// Global and padding rows come out as 0 with lse = -inf (global rows are filled by global_attn).
+// Global and padding rows come out as 0 with lse = -inf (the op then fills global rows
+// with global_attention_forward).
 //
 // Task = one BandTile of queries (a ForwardTile). Its band keys are walked in blocks of at most
 // kBlockLimit, then the batch row's global keys (gathered) in blocks of the same size.

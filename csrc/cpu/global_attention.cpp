@@ -80,7 +80,7 @@ void global_attention_forward(const AttentionParams& p) {
 }
 
 template <typename scalar_t>
-void global_attention_backward(const AttentionParams& p, void* delta_base) {
+void global_attention_backward(const AttentionParams& p, void* delta_base, bool accumulate) {
   using acc = acc_type<scalar_t>;
   const int64_t D = p.head_dim;
   const auto globals = positions_with_role(p, kGlobal);
@@ -163,8 +163,13 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
       const std::vector<int64_t>& g = globals[b];
       const Rows<acc> kr = rows_of(k.get(), head(p.k, b, h), p.k.stride_n, Positions{c0, 1}, keys, D, roles);
       const Rows<acc> vr = rows_of(v.get(), head(p.v, b, h), p.v.stride_n, Positions{c0, 1}, keys, D, roles);
-      std::fill(dk.get(), dk.get() + keys * D, acc(0));
-      std::fill(dv.get(), dv.get() + keys * D, acc(0));
+      if (accumulate) {  // start from the local rows' gradients, rounded once at the end
+        load_rows(dk.get(), head(p.grad_k, b, h), p.grad_k.stride_n, Positions{c0, 1}, keys, D);
+        load_rows(dv.get(), head(p.grad_v, b, h), p.grad_v.stride_n, Positions{c0, 1}, keys, D);
+      } else {
+        std::fill(dk.get(), dk.get() + keys * D, acc(0));
+        std::fill(dv.get(), dv.get() + keys * D, acc(0));
+      }
       // With causal attention only global queries at or after c0 see this block.
       const int64_t g_begin = p.causal ? count_at_most(g.data(), static_cast<int64_t>(g.size()), c0 - 1) : 0;
       for_each_block(g_begin, static_cast<int64_t>(g.size()), kRowTile, [&](int64_t g0, int64_t g1) {
@@ -186,7 +191,7 @@ void global_attention_backward(const AttentionParams& p, void* delta_base) {
 
 #define LONGFORMER_INSTANTIATE(T, name)                              \
   template void global_attention_forward<T>(const AttentionParams&); \
-  template void global_attention_backward<T>(const AttentionParams&, void*);
+  template void global_attention_backward<T>(const AttentionParams&, void*, bool);
 LONGFORMER_CPU_FOR_EACH_DTYPE(LONGFORMER_INSTANTIATE)
 #undef LONGFORMER_INSTANTIATE
 

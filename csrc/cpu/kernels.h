@@ -25,10 +25,13 @@
   /* grad_q, grad_k, grad_v (zero-initialised) from grad_out, out and the forward lse; `delta` is */ \
   /* [B, H, N] scratch in the accumulation dtype. */                                                 \
   template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, void* delta); \
-  /* Rows of global queries over all real keys with the global projections (q, k, v of p are */    \
-  /* global_q, global_k, global_v); writes those rows of out and lse only. */                      \
+  /* Rows of global queries over all real keys (q, k, v of p are the global projections when */   \
+  /* the op has them); writes those rows of out and lse only. */                                   \
   template <typename scalar_t> void global_attention_forward(const AttentionParams& p);              \
-  template <typename scalar_t> void global_attention_backward(const AttentionParams& p, void* delta); \
+  /* Their gradients: grad_q at the global rows; grad_k, grad_v written, or with `accumulate` */    \
+  /* added to what they hold (the local rows' gradients, when both share q, k, v). */               \
+  template <typename scalar_t>                                                                       \
+  void global_attention_backward(const AttentionParams& p, void* delta, bool accumulate);           \
   /* Unfused banded products (formulas in ops.cpp). */                                               \
   template <typename scalar_t> void banded_matmul_qk(const BandedMatmulParams& p);                   \
   template <typename scalar_t> void banded_matmul_pv(const BandedMatmulParams& p);                   \

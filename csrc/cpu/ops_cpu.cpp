@@ -19,7 +19,7 @@ struct KernelTable {
   void (*banded_forward)(const AttentionParams&);
   void (*banded_backward)(const AttentionParams&, void*);
   void (*global_forward)(const AttentionParams&);
-  void (*global_backward)(const AttentionParams&, void*);
+  void (*global_backward)(const AttentionParams&, void*, bool);
   void (*qk)(const BandedMatmulParams&);
   void (*pv)(const BandedMatmulParams&);
   void (*pv_transposed)(const BandedMatmulParams&);
@@ -120,35 +120,60 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return out;
 }
 
+// The parameters of the global rows: those of the local rows with the global projections, if given.
+AttentionParams global_rows_params(const AttentionParams& local, const std::optional<at::Tensor>& global_q,
+                                   const std::optional<at::Tensor>& global_k,
+                                   const std::optional<at::Tensor>& global_v) {
+  AttentionParams p = local;
+  if (global_q) {
+    p.q = heads_view(*global_q);
+    p.k = heads_view(*global_k);
+    p.v = heads_view(*global_v);
+  }
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
                                                const std::optional<at::Tensor>& attention_mask,
                                                const std::optional<at::Tensor>& global_attention_mask, bool causal,
-                                               double scale) {
+                                               double scale, const std::optional<at::Tensor>& global_q,
+                                               const std::optional<at::Tensor>& global_k,
+                                               const std::optional<at::Tensor>& global_v) {
   Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                           causal, scale);
+  check_global_projections(global_q, global_k, global_v, q);
   at::Tensor out = empty_heads(q.sizes(), q.options());
   at::Tensor lse = lse_like(q);
   if (prep.empty) return {out.zero_(), lse};
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
-  dispatch_dtype(q.scalar_type(), [&](auto t) { kernels<decltype(t)>().banded_forward(prep.params); });
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    kernels<decltype(t)>().banded_forward(prep.params);  // local rows; global rows 0, lse -inf
+    if (global_attention_mask) {
+      kernels<decltype(t)>().global_forward(global_rows_params(prep.params, global_q, global_k, global_v));
+    }
+  });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
     const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& global_attention_mask,
-    bool causal, double scale) {
+    bool causal, double scale, const std::optional<at::Tensor>& global_q, const std::optional<at::Tensor>& global_k,
+    const std::optional<at::Tensor>& global_v) {
   Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                           causal, scale);
+  const bool projections = check_global_projections(global_q, global_k, global_v, q);
   check_heads_tensor(grad_out, "grad_out", q);
   check_heads_tensor(out, "out", q);
-  at::Tensor dq = empty_heads(q.sizes(), q.options()).zero_();
-  at::Tensor dk = empty_heads(q.sizes(), q.options()).zero_();
-  at::Tensor dv = empty_heads(q.sizes(), q.options()).zero_();
-  if (prep.empty) return {dq, dk, dv};
+  auto zeros = [&] { return empty_heads(q.sizes(), q.options()).zero_(); };
+  at::Tensor dq = zeros(), dk = zeros(), dv = zeros();
+  at::Tensor dgq = projections ? zeros() : q.new_empty({0});
+  at::Tensor dgk = projections ? zeros() : q.new_empty({0});
+  at::Tensor dgv = projections ? zeros() : q.new_empty({0});
+  if (prep.empty) return {dq, dk, dv, dgq, dgk, dgv};
   at::Tensor lse_c = lse.contiguous();
   TORCH_CHECK(lse_c.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}) &&
                   lse_c.scalar_type() == accumulation_dtype(q.scalar_type()),
@@ -161,55 +186,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
   p.grad_k = heads_view(dk);
   p.grad_v = heads_view(dv);
   p.lse = lse_c.data_ptr();
-  dispatch_dtype(q.scalar_type(), [&](auto t) { kernels<decltype(t)>().banded_backward(p, delta.data_ptr()); });
-  return {dq, dk, dv};
-}
-
-std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
-                                               const at::Tensor& global_attention_mask,
-                                               const std::optional<at::Tensor>& attention_mask, bool causal,
-                                               double scale, const at::Tensor& out) {
-  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
-  check_heads_tensor(out, "out", gq);
-  at::Tensor new_out = empty_heads(gq.sizes(), gq.options());
-  new_out.copy_(out);
-  at::Tensor lse = lse_like(gq);
-  if (prep.empty) return {new_out, lse};
-  prep.params.out = heads_view(new_out);
-  prep.params.lse = lse.data_ptr();
-  dispatch_dtype(gq.scalar_type(), [&](auto t) { kernels<decltype(t)>().global_forward(prep.params); });
-  return {new_out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
-    const at::Tensor& grad_out, const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& global_attention_mask,
-    const std::optional<at::Tensor>& attention_mask, bool causal, double scale) {
-  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
-  check_heads_tensor(grad_out, "grad_out", gq);
-  check_heads_tensor(out, "out", gq);
-  at::Tensor dq = empty_heads(gq.sizes(), gq.options()).zero_();
-  at::Tensor dk = empty_heads(gq.sizes(), gq.options()).zero_();
-  at::Tensor dv = empty_heads(gq.sizes(), gq.options()).zero_();
-  at::Tensor grad_in = empty_heads(gq.sizes(), gq.options());
-  grad_in.copy_(grad_out);
-  if (prep.empty) return {dq, dk, dv, grad_in};
-  // The incoming out's global rows were overwritten, so their gradient does not flow back.
-  grad_in.masked_fill_(prep.roles.eq(kGlobal).view({gq.size(0), 1, gq.size(2), 1}), 0);
-  at::Tensor lse_c = lse.contiguous();
-  TORCH_CHECK(lse_c.sizes() == at::IntArrayRef({gq.size(0), gq.size(1), gq.size(2)}) &&
-                  lse_c.scalar_type() == accumulation_dtype(gq.scalar_type()),
-              "longformer: lse must be [B, H, N] in the accumulation dtype, as returned by global_attn");
-  at::Tensor delta = at::empty_like(lse_c);
-  AttentionParams& p = prep.params;
-  p.out = heads_view(out);
-  p.grad_out = heads_view(grad_out);
-  p.grad_q = heads_view(dq);
-  p.grad_k = heads_view(dk);
-  p.grad_v = heads_view(dv);
-  p.lse = lse_c.data_ptr();
-  dispatch_dtype(gq.scalar_type(), [&](auto t) { kernels<decltype(t)>().global_backward(p, delta.data_ptr()); });
-  return {dq, dk, dv, grad_in};
+  dispatch_dtype(q.scalar_type(), [&](auto t) {
+    kernels<decltype(t)>().banded_backward(p, delta.data_ptr());
+    if (!global_attention_mask) return;
+    AttentionParams g = global_rows_params(p, global_q, global_k, global_v);
+    if (projections) {
+      g.grad_q = heads_view(dgq);
+      g.grad_k = heads_view(dgk);
+      g.grad_v = heads_view(dgv);
+    }
+    // Without projections the global rows' dK, dV add to the local rows' (same tensors).
+    kernels<decltype(t)>().global_backward(g, delta.data_ptr(), /*accumulate=*/!projections);
+  });
+  return {dq, dk, dv, dgq, dgk, dgv};
 }
 
 // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
@@ -270,8 +259,6 @@ at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tens
 TORCH_LIBRARY_IMPL(longformer, CPU, m) {
   m.impl("banded_attn", &banded_attn);
   m.impl("banded_attn_backward", &banded_attn_backward);
-  m.impl("global_attn", &global_attn);
-  m.impl("global_attn_backward", &global_attn_backward);
   m.impl("banded_matmul_qk", &banded_matmul_qk_op);
   m.impl("banded_matmul_pv", &banded_matmul_band_times_heads<false>);
   m.impl("banded_matmul_pv_transposed", &banded_matmul_band_times_heads<true>);

@@ -23,7 +23,8 @@
 // atomics. With C_b == 1 (many global tokens, which fill the GPU anyway) the single chunk block
 // writes the row itself.
 //
-// dK/dV: one warp per key row, looping over the count[b] global rows in ascending order.
+// dK/dV: one warp per key row, looping over the count[b] global rows in ascending order; written,
+// or added to the local rows' part when the global rows share k and v with them.
 // Workspaces (accumulation dtype A): forward [B*H, rows, D + 2] partials; backward delta [B*H*N]
 // (only the global rows are written and read) followed by [B*H, rows, D] partials.
 #include "device.h"
@@ -325,7 +326,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
 // dK, dV of every real key j from the global rows: one warp per key, global rows in ascending order.
 template <typename T, int E, bool kFull>
 __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
-    global_dkdv_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace) {
+    global_dkdv_kernel(const AttentionParams p, const GlobalKeys globals, void* workspace, bool accumulate) {
   using A = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
@@ -357,8 +358,20 @@ LONGFORMER_UNROLL
       }
       dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
     }
-    dk.store(static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, j), D, lane, scale);
-    dv.store(static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, j), D, lane, A(1));
+    T* grad_k = static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, j);
+    T* grad_v = static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, j);
+    if (accumulate) {  // onto the local rows' part: scale dK first, then one rounding per element
+      RowFrag<A, E, kFull> earlier;
+      earlier.load(grad_k, D, lane);
+      dk.scale(scale);
+      dk.axpy(A(1), earlier);
+      earlier.load(grad_v, D, lane);
+      dv.axpy(A(1), earlier);
+      dk.store(grad_k, D, lane, A(1));
+    } else {
+      dk.store(grad_k, D, lane, scale);
+    }
+    dv.store(grad_v, D, lane, A(1));
   }
 }
 
@@ -408,7 +421,7 @@ int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 }
 
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              void* stream) {
+                              bool accumulate, void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
   const SplitShape split = split_shape(p);
@@ -432,7 +445,7 @@ int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
                                 static_cast<const void*>(workspace));
         if (err != 0) return err;
       }
-      return LONGFORMER_LAUNCH(dkdv, row_grid, row_block, 0, stream, p, g, workspace);
+      return LONGFORMER_LAUNCH(dkdv, row_grid, row_block, 0, stream, p, g, workspace, accumulate);
     });
   });
 }

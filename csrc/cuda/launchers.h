@@ -56,16 +56,18 @@ bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtyp
 int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,
                                         DType dtype, void* stream);
 
-// Rows of global queries over every real key; p.q/k/v are global_q/k/v. The keys of each global
+// Rows of global queries over every real key; p.q/k/v are the global projections when the op has
+// them. They run after the local rows' kernels, on the same out and lse. The keys of each global
 // row are split across blocks; `workspace` (uninitialised, the size asked for) holds the chunk
 // partials that a second kernel combines in a fixed order.
 int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType dtype);
 int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                              void* stream);
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
-// grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows).
+// grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows), written,
+// or with `accumulate` added to what they hold (the local rows' part, when both share q, k, v).
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              void* stream);
+                              bool accumulate, void* stream);
 
 // Unfused banded products (BandedMatmulParams; formulas in longformer/schemas.h).
 // qk: a = q, b = k -> band (every slot written, `fill` off the sequence). pv: band, b = v -> out.

@@ -129,14 +129,30 @@ at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
   return at::empty({std::max<int64_t>(bytes, 1)}, like.options().dtype(at::kByte));
 }
 
+// The parameters of the global rows: those of the local rows with the global projections, if given.
+AttentionParams global_rows_params(const AttentionParams& local, const std::optional<at::Tensor>& global_q,
+                                   const std::optional<at::Tensor>& global_k,
+                                   const std::optional<at::Tensor>& global_v) {
+  AttentionParams p = local;
+  if (global_q) {
+    p.q = heads_view(*global_q);
+    p.k = heads_view(*global_k);
+    p.v = heads_view(*global_v);
+  }
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
                                                const std::optional<at::Tensor>& attention_mask,
                                                const std::optional<at::Tensor>& global_attention_mask, bool causal,
-                                               double scale) {
+                                               double scale, const std::optional<at::Tensor>& global_q,
+                                               const std::optional<at::Tensor>& global_k,
+                                               const std::optional<at::Tensor>& global_v) {
   GlueDeviceGuard guard(q);
   Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                           causal, scale);
+  check_global_projections(global_q, global_k, global_v, q);
   at::Tensor out = zeros_heads(q);
   at::Tensor lse = lse_like(q);
   if (prep.empty) return {out, lse};
@@ -147,71 +163,55 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   } else {
     glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
   }
+  if (global_attention_mask) {  // the global rows, into the same out and lse
+    const AttentionParams g = global_rows_params(prep.params, global_q, global_k, global_v);
+    at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(g, prep.dtype), q);
+    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(q)),
+               "banded_attn (global rows)");
+  }
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> banded_attn_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
     const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& global_attention_mask,
-    bool causal, double scale) {
+    bool causal, double scale, const std::optional<at::Tensor>& global_q, const std::optional<at::Tensor>& global_k,
+    const std::optional<at::Tensor>& global_v) {
   GlueDeviceGuard guard(q);
   Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                           causal, scale);
+  const bool projections = check_global_projections(global_q, global_k, global_v, q);
   check_heads_tensor(grad_out, "grad_out", q);
   check_heads_tensor(out, "out", q);
   at::Tensor dq = zeros_heads(q), dk = zeros_heads(q), dv = zeros_heads(q);
-  if (prep.empty) return {dq, dk, dv};
+  at::Tensor dgq = projections ? zeros_heads(q) : q.new_empty({0});
+  at::Tensor dgk = projections ? zeros_heads(q) : q.new_empty({0});
+  at::Tensor dgv = projections ? zeros_heads(q) : q.new_empty({0});
+  if (prep.empty) return {dq, dk, dv, dgq, dgk, dgv};
   at::Tensor lse_c = checked_lse(lse, q, "banded_attn");
   AttentionParams& p = prep.params;
   set_backward_operands(p, out, grad_out, lse_c, dq, dk, dv);
-  at::Tensor scratch = workspace(banded_attention_backward_workspace_bytes(p, prep.dtype), q);
+  AttentionParams g = global_rows_params(p, global_q, global_k, global_v);
+  if (projections) {
+    g.grad_q = heads_view(dgq);
+    g.grad_k = heads_view(dgk);
+    g.grad_v = heads_view(dgv);
+  }
+  // One workspace for both launches: they run one after the other on the stream.
+  const int64_t bytes = std::max(banded_attention_backward_workspace_bytes(p, prep.dtype),
+                                 global_attention_mask ? global_attention_backward_workspace_bytes(g, prep.dtype) : 0);
+  at::Tensor scratch = workspace(bytes, q);
   glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype,
                                        use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_BACKWARD"), glue_stream(q)),
              "banded_attn_backward");
-  return {dq, dk, dv};
-}
-
-std::tuple<at::Tensor, at::Tensor> global_attn(const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
-                                               const at::Tensor& global_attention_mask,
-                                               const std::optional<at::Tensor>& attention_mask, bool causal,
-                                               double scale, const at::Tensor& out) {
-  GlueDeviceGuard guard(gq);
-  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
-  check_heads_tensor(out, "out", gq);
-  at::Tensor new_out = empty_heads(gq.sizes(), gq.options());
-  new_out.copy_(out);
-  at::Tensor lse = lse_like(gq);
-  if (prep.empty) return {new_out, lse};
-  prep.params.out = heads_view(new_out);
-  prep.params.lse = lse.data_ptr();
-  at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(prep.params, prep.dtype), gq);
-  glue_check(global_attention_forward(prep.params, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(gq)),
-             "global_attn");
-  return {new_out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_attn_backward(
-    const at::Tensor& grad_out, const at::Tensor& gq, const at::Tensor& gk, const at::Tensor& gv,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& global_attention_mask,
-    const std::optional<at::Tensor>& attention_mask, bool causal, double scale) {
-  GlueDeviceGuard guard(gq);
-  Prepared prep = prepare(gq, gk, gv, 0, 0, {1}, attention_mask, global_attention_mask, causal, scale);
-  check_heads_tensor(grad_out, "grad_out", gq);
-  check_heads_tensor(out, "out", gq);
-  at::Tensor dq = zeros_heads(gq), dk = zeros_heads(gq), dv = zeros_heads(gq);
-  at::Tensor grad_in = empty_heads(gq.sizes(), gq.options());
-  grad_in.copy_(grad_out);
-  if (prep.empty) return {dq, dk, dv, grad_in};
-  // The incoming out's global rows were overwritten, so their gradient does not flow back.
-  grad_in.masked_fill_(prep.roles.eq(kGlobal).view({gq.size(0), 1, gq.size(2), 1}), 0);
-  at::Tensor lse_c = checked_lse(lse, gq, "global_attn");
-  AttentionParams& p = prep.params;
-  set_backward_operands(p, out, grad_out, lse_c, dq, dk, dv);
-  at::Tensor scratch = workspace(global_attention_backward_workspace_bytes(p, prep.dtype), gq);
-  glue_check(global_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(gq)),
-             "global_attn_backward");
-  return {dq, dk, dv, grad_in};
+  if (global_attention_mask) {
+    // Without projections the global rows' dK, dV add to the local rows' (same tensors).
+    glue_check(global_attention_backward(g, prep.globals, scratch.data_ptr(), prep.dtype,
+                                         /*accumulate=*/!projections, glue_stream(q)),
+               "banded_attn_backward (global rows)");
+  }
+  return {dq, dk, dv, dgq, dgk, dgv};
 }
 
 // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
@@ -283,8 +283,6 @@ at::Tensor banded_matmul_band_times_heads(const at::Tensor& band, const at::Tens
   TORCH_LIBRARY_IMPL(ns, key, m) {                                                                  \
     m.impl("banded_attn", &longformer::cuda::banded_attn);                                          \
     m.impl("banded_attn_backward", &longformer::cuda::banded_attn_backward);                        \
-    m.impl("global_attn", &longformer::cuda::global_attn);                                          \
-    m.impl("global_attn_backward", &longformer::cuda::global_attn_backward);                        \
     m.impl("banded_matmul_qk", &longformer::cuda::banded_matmul_qk_op);                             \
     m.impl("banded_matmul_pv", &longformer::cuda::banded_matmul_band_times_heads<false>);           \
     m.impl("banded_matmul_pv_transposed", &longformer::cuda::banded_matmul_band_times_heads<true>); \

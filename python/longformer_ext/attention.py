@@ -49,11 +49,8 @@ def longformer_attention(
         raise NotImplementedError(
             f"longformer_ext has no kernels for {q.device.type} tensors in this build "
             f"(CPU kernels always; CUDA kernels only in a build against a CUDA torch with nvcc)")
+    if not args.has_global_projections:
+        global_q = global_k = global_v = None
     out, _ = ops.banded_attn(q, k, v, args.window_left, args.window_right, args.dilation, attention_mask,
-                             global_attention_mask, causal, args.scale)
-    if global_attention_mask is not None:
-        if not args.has_global_projections:
-            global_q, global_k, global_v = q, k, v
-        out, _ = ops.global_attn(global_q, global_k, global_v, global_attention_mask, attention_mask, causal,
-                                 args.scale, out)
+                             global_attention_mask, causal, args.scale, global_q, global_k, global_v)
     return out

@@ -1,8 +1,8 @@
 """ONNX export of models that use longformer_ext's ops, into standard ONNX operators only.
 
 ``torch.onnx.export(..., dynamo=True)`` cannot translate ``torch.ops.longformer.*`` on its own. This
-module gives it translations (``TRANSLATION_TABLE``, or ``translation_table()``) that rebuild the two
-inference ops, ``banded_attn`` and ``global_attn``, from ONNX opset-18 operators (Gather, MatMul,
+module gives it translations (``TRANSLATION_TABLE``, or ``translation_table()``) that rebuild the
+inference op, ``banded_attn``, from ONNX opset-18 operators (Gather, MatMul,
 TopK, ScatterElements, ...): no custom domain, so the exported file runs in any ONNX runtime with no
 extra code. ``export(model, args, path)`` wraps the exporter with that table and with dynamic batch and
 sequence axes. The backward ops and the unfused products (``banded_matmul_*``, used only for
@@ -51,7 +51,7 @@ in memory; nothing is ever ``[N, N]``:
   (several times faster in ONNX Runtime than max / exp / sum as separate nodes). A row whose keys are
   all masked gives NaN there; such rows only exist where the op's output is 0 or left unchanged
   (padding queries, padded rows of the last block, filler global slots) and are overwritten, so the
-  outputs hold no NaN: padding rows are 0, ``banded_attn`` leaves global rows 0 as the kernel does.
+  outputs hold no NaN: padding rows are 0.
   ``lse`` is computed from the same scores on its own (max, exp, sum, -inf for rows without keys),
   and dropped from the graph when nothing reads it, as in a model.
 
@@ -78,7 +78,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without onnxscr
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["TRANSLATION_TABLE", "export", "translation_table", "banded_attn", "global_attn"]
+__all__ = ["TRANSLATION_TABLE", "export", "translation_table", "banded_attn"]
 
 _INSTALL_HINT = ("longformer_ext.onnx needs `onnx` and `onnxscript` (and `onnxruntime` to run the exported "
                  "model): pip install onnx onnxscript onnxruntime")
@@ -353,12 +353,25 @@ def _all_true(like):
 
 
 def banded_attn(q, k, v, window_left: int, window_right: int, dilation: Sequence[int], attention_mask,
-                global_attention_mask, causal: bool, scale: float):
-    """``longformer::banded_attn``: local rows over their band keys plus every global key.
+                global_attention_mask, causal: bool, scale: float, global_q=None, global_k=None, global_v=None):
+    """``longformer::banded_attn``: local rows over their band keys plus every global key, then the
+    global rows over every real key (with the global projections when given), padding rows 0.
 
-    Returns (out [B, H, N, D] in q's dtype, lse [B, H, N] float32/float64); global and padding rows
-    are 0 with lse -inf.
+    Returns (out [B, H, N, D] in q's dtype, lse [B, H, N] float32/float64, -inf for padding rows).
     """
+    out, lse = _local_rows(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                           causal, scale)
+    if global_attention_mask is None:
+        return out, lse
+    if global_q is None:
+        global_q, global_k, global_v = q, k, v
+    return _global_rows(global_q, global_k, global_v, global_attention_mask, attention_mask, causal, scale, out,
+                        lse)
+
+
+def _local_rows(q, k, v, window_left: int, window_right: int, dilation: Sequence[int], attention_mask,
+                global_attention_mask, causal: bool, scale: float):
+    """The local rows; global and padding rows are 0 with lse -inf."""
     acc = _accumulation_type(q)
     out_type = acc if q.dtype is None else q.dtype
     q, k, v = (_as(t, acc) for t in (q, k, v))
@@ -389,10 +402,10 @@ def banded_attn(q, k, v, window_left: int, window_right: int, dilation: Sequence
     return _as(out, out_type), lse
 
 
-def global_attn(global_q, global_k, global_v, global_attention_mask, attention_mask, causal: bool, scale: float,
-                out):
-    """``longformer::global_attn``: ``out`` with the rows of global tokens replaced by their attention
-    over every real key (global projections); lse holds those rows' log-sum-exp, -inf elsewhere."""
+def _global_rows(global_q, global_k, global_v, global_attention_mask, attention_mask, causal: bool, scale: float,
+                 out, lse):
+    """``out`` and ``lse`` with the rows of global tokens replaced by their attention over every real
+    key (projections ``global_q/k/v``) and its log-sum-exp."""
     acc = _accumulation_type(global_q)
     gq, gk, gv = (_as(t, acc) for t in (global_q, global_k, global_v))
     real, glob = _roles(attention_mask, global_attention_mask)
@@ -411,9 +424,8 @@ def global_attn(global_q, global_k, global_v, global_attention_mask, attention_m
     old = _as(op.GatherElements(out, row_index, axis=2), acc)
     rows = _as(op.Where(op.Unsqueeze(valid, [1, 3]), rows, old), out.dtype)
     new_out = op.ScatterElements(out, row_index, rows, axis=2)
-    lse_rows = op.Where(op.Unsqueeze(valid, [1]), lse_rows, _float(_NEG_INF, acc))
-    lse = op.Expand(_float(_NEG_INF, acc), op.Shape(gq, start=0, end=3))
-    lse_index = op.Expand(op.Unsqueeze(index, [1]), op.Concat(_ints(1), _dim(gq, 1), _ints(1), axis=0))
+    lse_index = op.Expand(op.Unsqueeze(index, [1]), op.Concat(_dim(gq, 0), _dim(gq, 1), _ints(1), axis=0))
+    lse_rows = op.Where(op.Unsqueeze(valid, [1]), lse_rows, op.GatherElements(lse, lse_index, axis=2))
     return new_out, op.ScatterElements(lse, lse_index, lse_rows, axis=2)
 
 
@@ -423,7 +435,6 @@ def translation_table() -> dict[Callable, Callable]:
     _require_onnxscript()
     return {
         torch.ops.longformer.banded_attn.default: banded_attn,
-        torch.ops.longformer.global_attn.default: global_attn,
     }
 
 

@@ -36,18 +36,12 @@ def _lse_like(q: Tensor) -> Tensor:
 def banded_attn(
     q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int, dilation: Sequence[int],
     attention_mask: Optional[Tensor], global_attention_mask: Optional[Tensor], causal: bool, scale: float,
+    global_q: Optional[Tensor] = None, global_k: Optional[Tensor] = None, global_v: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Local rows (band + global keys); global and padding rows are 0 with lse = -inf."""
+    """Every row: local rows over their band plus the global keys, global rows over every real key
+    (with ``global_q/k/v`` when given, all three or none), padding rows 0; and every row's lse."""
     return _ops.banded_attn(q, k, v, window_left, window_right, list(dilation), attention_mask,
-                            global_attention_mask, causal, scale)
-
-
-def global_attn(
-    global_q: Tensor, global_k: Tensor, global_v: Tensor, global_attention_mask: Tensor,
-    attention_mask: Optional[Tensor], causal: bool, scale: float, out: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """A copy of ``out`` whose global rows attend to every real key with the global projections."""
-    return _ops.global_attn(global_q, global_k, global_v, global_attention_mask, attention_mask, causal, scale, out)
+                            global_attention_mask, causal, scale, global_q, global_k, global_v)
 
 
 def banded_matmul_qk(q: Tensor, k: Tensor, window_left: int, window_right: int, dilation: Sequence[int],
@@ -72,24 +66,17 @@ def banded_matmul_pv_transposed(p: Tensor, x: Tensor, window_left: int, window_r
 
 
 @torch.library.register_fake("longformer::banded_attn")
-def _(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale):
+def _(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
+      global_q=None, global_k=None, global_v=None):
     return _empty_heads(q), _lse_like(q)
 
 
 @torch.library.register_fake("longformer::banded_attn_backward")
 def _(grad_out, q, k, v, out, lse, window_left, window_right, dilation, attention_mask, global_attention_mask,
-      causal, scale):
-    return _empty_heads(q), _empty_heads(q), _empty_heads(q)
-
-
-@torch.library.register_fake("longformer::global_attn")
-def _(global_q, global_k, global_v, global_attention_mask, attention_mask, causal, scale, out):
-    return _empty_heads(global_q), _lse_like(global_q)
-
-
-@torch.library.register_fake("longformer::global_attn_backward")
-def _(grad_out, global_q, global_k, global_v, out, lse, global_attention_mask, attention_mask, causal, scale):
-    return _empty_heads(global_q), _empty_heads(global_q), _empty_heads(global_q), _empty_heads(global_q)
+      causal, scale, global_q=None, global_k=None, global_v=None):
+    # Without global projections their gradients are in grad_q/k/v and these are empty.
+    projection_grads = [_empty_heads(q) if global_q is not None else q.new_empty((0,)) for _ in range(3)]
+    return (_empty_heads(q), _empty_heads(q), _empty_heads(q), *projection_grads)
 
 
 @torch.library.register_fake("longformer::banded_matmul_qk")
@@ -116,42 +103,27 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _banded_attn_setup(ctx, inputs, output):
-    q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale = inputs
+    (q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
+     *projections) = inputs
+    global_q, global_k, global_v = projections + [None] * (3 - len(projections))
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask, global_attention_mask)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v)
     ctx.args = (window_left, window_right, dilation, causal, scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _banded_attn_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attention_mask, global_attention_mask = ctx.saved_tensors
+    q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v = ctx.saved_tensors
     window_left, window_right, dilation, causal, scale = ctx.args
-    dq, dk, dv = _ops.banded_attn_backward(_last_dim_contiguous(grad_out), q, k, v, out, lse, window_left,
-                                           window_right, dilation, attention_mask, global_attention_mask, causal,
-                                           scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv, dgq, dgk, dgv = _ops.banded_attn_backward(
+        _last_dim_contiguous(grad_out), q, k, v, out, lse, window_left, window_right, dilation, attention_mask,
+        global_attention_mask, causal, scale, global_q, global_k, global_v)
+    if global_q is None:
+        dgq = dgk = dgv = None
+    return dq, dk, dv, None, None, None, None, None, None, None, dgq, dgk, dgv
 
 
 torch.library.register_autograd("longformer::banded_attn", _banded_attn_backward, setup_context=_banded_attn_setup)
-
-
-def _global_attn_setup(ctx, inputs, output):
-    global_q, global_k, global_v, global_attention_mask, attention_mask, causal, scale, _out_in = inputs
-    out, lse = output
-    ctx.save_for_backward(global_q, global_k, global_v, out, lse, global_attention_mask, attention_mask)
-    ctx.args = (causal, scale)
-    ctx.mark_non_differentiable(lse)
-
-
-def _global_attn_backward(ctx, grad_out, _grad_lse):
-    global_q, global_k, global_v, out, lse, global_attention_mask, attention_mask = ctx.saved_tensors
-    causal, scale = ctx.args
-    dq, dk, dv, grad_in = _ops.global_attn_backward(_last_dim_contiguous(grad_out), global_q, global_k, global_v,
-                                                    out, lse, global_attention_mask, attention_mask, causal, scale)
-    return dq, dk, dv, None, None, None, None, grad_in
-
-
-torch.library.register_autograd("longformer::global_attn", _global_attn_backward, setup_context=_global_attn_setup)
 
 
 def _banded_setup(ctx, inputs, output):

@@ -37,6 +37,20 @@ inline void check_mask(const std::optional<at::Tensor>& mask, const char* name, 
               q.device());
 }
 
+// The optional global projections of banded_attn: all three or none (none: the rows of global
+// tokens use q, k, v). Returns whether they were given.
+inline bool check_global_projections(const std::optional<at::Tensor>& global_q,
+                                     const std::optional<at::Tensor>& global_k,
+                                     const std::optional<at::Tensor>& global_v, const at::Tensor& q) {
+  TORCH_CHECK(global_q.has_value() == global_k.has_value() && global_k.has_value() == global_v.has_value(),
+              "longformer: global_q, global_k and global_v must be given together (all three or none)");
+  if (!global_q) return false;
+  check_heads_tensor(*global_q, "global_q", q);
+  check_heads_tensor(*global_k, "global_k", q);
+  check_heads_tensor(*global_v, "global_v", q);
+  return true;
+}
+
 // One dilation per head (a single value applies to all heads), each in [1, 2^31); at most
 // kMaxHeads heads (the parameter blocks hold the dilations by value).
 inline std::vector<int64_t> per_head_dilation(at::IntArrayRef dilation, int64_t heads) {

@@ -14,28 +14,22 @@
 namespace longformer {
 
 inline void define_schemas(torch::Library& m) {
-  // Local rows: band keys (j = i + t*dilation[h], -left <= t <= right, local and real) plus every
-  // real global key; global and padding rows are 0 with lse = -inf.
+  // Every row. A local row attends to its band keys (j = i + t*dilation[h], -left <= t <= right,
+  // local and real) plus every real global key; a global row attends to every real key, with the
+  // global projections when given (all three or none; none: q, k, v); a padding row is 0. lse is
+  // every row's log-sum-exp, -inf for rows without a key (padding rows among them).
   m.def(
       "banded_attn(Tensor q, Tensor k, Tensor v, int window_left, int window_right, int[] dilation, "
-      "Tensor? attention_mask, Tensor? global_attention_mask, bool causal, float scale) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? attention_mask, Tensor? global_attention_mask, bool causal, float scale, "
+      "Tensor? global_q=None, Tensor? global_k=None, Tensor? global_v=None) -> (Tensor out, Tensor lse)");
+  // Without global projections the global rows' gradients are summed into grad_q/k/v and the
+  // grad_global_* are empty ([0]); with them, they are [B, H, N, D] like q.
   m.def(
       "banded_attn_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int window_left, int window_right, int[] dilation, Tensor? attention_mask, "
-      "Tensor? global_attention_mask, bool causal, float scale) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-
-  // Global rows over every real key, with the global projections, written into a copy of `out`;
-  // lse holds the global rows' log-sum-exp and -inf elsewhere.
-  m.def(
-      "global_attn(Tensor global_q, Tensor global_k, Tensor global_v, Tensor global_attention_mask, "
-      "Tensor? attention_mask, bool causal, float scale, Tensor out) -> (Tensor out, Tensor lse)");
-  m.def(
-      "global_attn_backward(Tensor grad_out, Tensor global_q, Tensor global_k, Tensor global_v, "
-      "Tensor out, Tensor lse, Tensor global_attention_mask, Tensor? attention_mask, bool causal, "
-      "float scale) -> (Tensor grad_global_q, Tensor grad_global_k, Tensor grad_global_v, "
-      "Tensor grad_out_in)");
+      "Tensor? global_attention_mask, bool causal, float scale, Tensor? global_q=None, Tensor? global_k=None, "
+      "Tensor? global_v=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_global_q, "
+      "Tensor grad_global_k, Tensor grad_global_v)");
 
   // Unfused products over the band layout [B, H, N, left + right + 1], slot t of row i being key
   // j = i + (t - left) * dilation[h]:
