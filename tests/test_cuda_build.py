@@ -100,12 +100,14 @@ def _resources():
 # Registers per thread that each kernel may use (sm_80 and sm_90 alike), per head-dim tile of the
 # tensor-core kernels (128 threads per block). The forward at D=64: 168 registers leave 3 blocks
 # (12 warps) per SM, which its shared memory (46 KiB per block) allows too; at D=128, 2 blocks;
-# D=256 takes all 255. The backward's dQ kernel (176-182 at D=64 and 128) leaves 2 blocks, so does
+# D=256 takes all 255; the global rows' forward (gathered query tiles) is within the same budgets
+# (154-156, 168, 228-237, 252-254). The backward's dQ kernel (176-182 at D=64 and 128) leaves 2 blocks, so does
 # its dK/dV kernel (two accumulators, dK and dV: 241-246 at D=64, 254-255 at 128). Measured with nvcc 13.0; a budget only a little above
 # today's count catches a change that costs a block per SM. The SIMT kernels stay within 128
 # (float64: 240, its values take register pairs; 228 today for the global rows at D > 128, sm_80).
 MMA_REGISTERS = {
     "banded_attention_forward_mma_kernel": {32: 160, 64: 176, 128: 240, 256: 255},
+    "global_rows_forward_mma_kernel": {32: 160, 64: 176, 128: 240, 256: 255},
     "local_dq_mma_kernel": {32: 160, 64: 192, 128: 192},
     "local_dkdv_mma_kernel": {32: 176, 64: 250, 128: 255},
 }
@@ -121,7 +123,7 @@ def test_no_local_memory_in_any_kernel():
         assert stack == 0 and local == 0, f"{name} on {arch} uses local memory: STACK {stack}, LOCAL {local}"
     checked = {re.search(r"(\w+)<", name).group(1) for (_, name) in resources if D64.search(name)}
     expected = {"banded_forward_simt_kernel", "banded_attention_forward_mma_kernel", "local_rows_kernel",
-                "global_forward_kernel", "global_dq_kernel", "global_dkdv_kernel"}
+                "global_forward_kernel", "global_rows_forward_mma_kernel", "global_dq_kernel", "global_dkdv_kernel"}
     assert expected <= checked, f"kernels not found in the library: {expected - checked}"
 
 
@@ -135,27 +137,32 @@ def test_registers_within_budget():
         assert registers <= budget, f"{name} on {arch}: {registers} registers, budget {budget}"
 
 
+# The tensor-core forward kernels: the local rows, and the global rows (gathered query tiles).
+MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forward_mma_kernel")
+
+
 def test_half_forward_pipelines_its_tiles_with_cp_async():
     sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
     for arch in ARCHS:
-        kernels = {name: text for (a, name), text in sass.items()
-                   if a == arch and "banded_attention_forward_mma_kernel<" in name}
-        assert len(kernels) == 8, f"expected 2 dtypes x 4 head-dim tiles on {arch}, found {sorted(kernels)}"
-        for name, text in kernels.items():
-            # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
-            assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
-            assert "LDGDEPBAR" in text and "DEPBAR.LE" in text, f"{name} on {arch} never commits or waits"
+        for kernel in MMA_FORWARD_KERNELS:
+            kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
+            assert len(kernels) == 8, f"expected 2 dtypes x 4 head-dim tiles on {arch}, found {sorted(kernels)}"
+            for name, text in kernels.items():
+                # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
+                assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
+                assert "LDGDEPBAR" in text and "DEPBAR.LE" in text, f"{name} on {arch} never commits or waits"
 
 
 def test_half_forward_uses_tensor_cores():
     sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
     for arch in ARCHS:
-        for dtype in ("__half", "__nv_bfloat16"):
-            kernels = {name: text for (a, name), text in sass.items()
-                       if a == arch and "banded_attention_forward_mma_kernel<" + dtype in name}
-            assert kernels, f"no {dtype} tensor-core forward for {arch}"
-            for name, text in kernels.items():
-                assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
+        for kernel in MMA_FORWARD_KERNELS:
+            for dtype in ("__half", "__nv_bfloat16"):
+                kernels = {name: text for (a, name), text in sass.items()
+                           if a == arch and kernel + "<" + dtype in name}
+                assert kernels, f"no {dtype} {kernel} for {arch}"
+                for name, text in kernels.items():
+                    assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
 
 
 def test_half_backward_uses_tensor_cores_and_no_shuffles():

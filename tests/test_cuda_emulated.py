@@ -275,15 +275,16 @@ def test_emulated_errors_are_clear():
 @pytest.mark.parametrize("causal", [False, True])
 def test_global_rows_split_into_chunks(dtype, causal):
     """Long rows: the keys of a global row are split over several blocks (N = 1100 gives 5 chunks of
-    ~220 keys) and combined in chunk order. Batch rows with 3, 20 and 45 global tokens get 5, 4 and 1
-    chunks per row (the partial slots per (b, h) are bounded), with padding and global projections."""
-    b, n, d = 3, 1100, 32
+    ~220 keys) and combined in chunk order. Batch rows with 3, 20, 45 and 100 global tokens get 5, 4,
+    1 and 1 chunks per row (the partial slots per (b, h) are bounded; 100 rows are two row tiles of
+    the tensor-core kernel, the second partial), with padding and global projections."""
+    b, n, d = 4, 1100, 32
     case = Case(batch=b, heads=1, seqlen=n, dim=d, window=(4, 0) if causal else 4, causal=causal, dtype=dtype,
                 seed=31 + causal)
     gen = torch.Generator().manual_seed(case.seed)
     q, k, v, gq, gk, gv = (torch.randn(b, 1, n, d, generator=gen).to(dtype).requires_grad_() for _ in range(6))
     glob = torch.zeros(b, n, dtype=torch.bool)
-    for row, count in enumerate([3, 20, 45]):
+    for row, count in enumerate([3, 20, 45, 100]):
         glob[row, torch.randperm(n, generator=gen)[:count]] = True
     glob[0, 0] = glob[0, n - 1] = True  # a global row with one key (causal) and one over every key
     attention_mask = torch.ones(b, n, dtype=torch.int64)

@@ -22,12 +22,6 @@
 
 #include "mma_tiles.h"
 
-#ifdef LONGFORMER_HOST_EMULATION
-#define LONGFORMER_MMA_BWD_BOUNDS
-#else
-#define LONGFORMER_MMA_BWD_BOUNDS __launch_bounds__(128)
-#endif
-
 namespace longformer::cuda {
 namespace {
 
@@ -103,7 +97,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                               const float* delta, int64_t slots, bool vec) {
   using S = BwdTiles<DP, false>;
   constexpr int kPitch = Rows<DP>::kPitch;
@@ -127,9 +121,9 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
   __syncthreads();
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  int64_t row_s[2], row_pos[2];
-  bool row_ok[2];
-  thread_rows(w.s0, w.r, w.d, query_ok, row_s, row_pos, row_ok);
+  const ThreadRows rows = thread_rows(w.s0, w.r, w.d, query_ok);
+  const int64_t(&row_pos)[2] = rows.pos;
+  const bool(&row_ok)[2] = rows.ok;
   float lse_log2[2], row_delta[2];
   const int64_t lse_row = (w.b * p.heads + w.h) * N;
 #pragma unroll
@@ -142,7 +136,7 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dq[DP / 8][4] = {};
 
-  keys.run(row_s, row_pos, row_ok, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+  keys.run(rows, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
     float s[kNT][4] = {}, dp[kNT][4] = {};
     mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
     mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
@@ -161,7 +155,7 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dq_mma_kernel(const AttentionPar
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
+__global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
                                                                 int64_t slots, bool vec) {
   using S = BwdTiles<DP, true>;
   constexpr int kPitch = Rows<DP>::kPitch;
@@ -191,15 +185,15 @@ __global__ void LONGFORMER_MMA_BWD_BOUNDS local_dkdv_mma_kernel(const AttentionP
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int t = lane & 3;
-  int64_t row_s[2], row_pos[2];
-  bool row_ok[2];
-  thread_rows(w.s0, w.r, w.d, key_ok, row_s, row_pos, row_ok);
+  const ThreadRows rows = thread_rows(w.s0, w.r, w.d, key_ok);
+  const int64_t(&row_pos)[2] = rows.pos;
+  const bool(&row_ok)[2] = rows.ok;
   const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
   const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  queries.run(row_s, row_pos, row_ok, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
+  queries.run(rows, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
     float st[kNT][4] = {}, dpt[kNT][4] = {};
     mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
     mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);

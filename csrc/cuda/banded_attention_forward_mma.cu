@@ -19,13 +19,6 @@
 
 #include "mma_tiles.h"
 
-#ifdef LONGFORMER_HOST_EMULATION
-#define LONGFORMER_MMA_FWD_BOUNDS
-#else
-// 128 threads per block; lets ptxas use up to 255 registers per thread (no forced spills).
-#define LONGFORMER_MMA_FWD_BOUNDS __launch_bounds__(128)
-#endif
-
 namespace longformer::cuda {
 namespace {
 
@@ -34,12 +27,8 @@ using namespace mma_tiles;
 // Compile-time shape of one instantiation; DP is the padded head dim.
 template <int DP>
 struct FwdTiles {
-  // Keys per tile: 64 keeps S at 32 registers per thread; at DP = 256 the O accumulator alone is
-  // 128 registers, so S shrinks to 16 keys (with 32, ptxas spilled 8 bytes on sm_90).
-  static constexpr int kBlockK = DP <= 128 ? 64 : 16;
-  // Q fragments live in registers up to DP = 128 (32 registers); at 256 they are re-read from shared
-  // memory per key tile to leave room for the accumulator.
-  static constexpr bool kQInRegisters = DP <= 128;
+  static constexpr int kBlockK = ForwardShape<DP>::kBlockK;
+  static constexpr bool kQInRegisters = ForwardShape<DP>::kQInRegisters;
   using Keys = KeyTilePipeline<DP, kBlockK>;
   // Layout: key tile pipeline | Q | query flags.
   static constexpr int64_t kQOffset = Keys::kBytes;
@@ -48,15 +37,12 @@ struct FwdTiles {
 };
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(const AttentionParams p,
+__global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const AttentionParams p,
                                                                               const GlobalKeys gk,
                                                                               int64_t slots, bool vec) {
   using Tiles = FwdTiles<DP>;
   constexpr int kBlockK = Tiles::kBlockK;
   constexpr int kPitch = Rows<DP>::kPitch;
-  constexpr int kNT = kBlockK / 8;  // n-tiles of S per key tile
-  constexpr int kON = DP / 8;       // n-tiles of O
-  constexpr float kLn2 = 0.693147180559945309f;
 
   // ---- which (b, h, r, tile) this block owns
   const BlockRows w = decode_block(p, slots);
@@ -96,87 +82,25 @@ __global__ void LONGFORMER_MMA_FWD_BOUNDS banded_attention_forward_mma_kernel(co
   cp_async_wait<1>();  // the Q group landed (tile 0 may still be in flight)
   __syncthreads();
 
-  int64_t row_s[2], row_pos[2];
-  bool row_ok[2];
-  thread_rows(s0, r, d, query_ok, row_s, row_pos, row_ok);
+  const ThreadRows rows_of_thread = thread_rows(s0, r, d, query_ok);
 
   const OperandFragments<DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
 
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  float o[kON][4] = {};
-  // Running max (of score * scale * log2 e) and this lane's partial sum of exp2(x - max), per row.
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-
-  // One key tile in shared memory: S = Q K^T, mask, online softmax, O += P V.
-  keys.run(row_s, row_pos, row_ok, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
-    float s[kNT][4] = {};
-    mma_times_rows_transposed<T, DP, kNT>(s, q_fragment, sK, lane);
-
-    // Mask and scale; masked entries are -inf (exp2 gives exactly 0 for them).
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, c = 8 * j + (e & 1);
-        const float x = allowed(i, c) ? s[j][e] * scale_log2 : -INFINITY;
-        s[j][e] = x;
-        tile_max[i] = fmaxf(tile_max[i], x);
-      }
-    }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      // The four lanes of a quad hold the same two rows.
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(kFull, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(kFull, tile_max[i], 2));
-      const float new_max = fmaxf(row_max[i], tile_max[i]);
-      // While a row has seen no key its max is -inf; subtracting 0 instead keeps exp2(-inf - m)
-      // at 0 rather than NaN (-inf - -inf).
-      base[i] = new_max == -INFINITY ? 0.0f : new_max;
-      alpha[i] = exp2f(row_max[i] - base[i]);  // 0 when the old max was -inf
-      row_max[i] = new_max;
-      row_sum[i] *= alpha[i];
-    }
-#pragma unroll
-    for (int n = 0; n < kON; ++n) {
-      o[n][0] *= alpha[0], o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1], o[n][3] *= alpha[1];
-    }
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pv = exp2f(s[j][e] - base[e >> 1]);
-        s[j][e] = pv;
-        row_sum[e >> 1] += pv;
-      }
-    }
-    mma_accumulate_rows<T, DP, kBlockK>(o, s, sV, lane);
+  OnlineSoftmaxRows<T, DP, kBlockK> softmax;
+  keys.run(rows_of_thread, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+    softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
   });
+  softmax.finish();
 
-  // ---- finish: full row sums across the quad, normalise, write local rows that saw a key
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 1);
-    row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 2);
-  }
+  // ---- write the local rows that saw a key
   uint16_t* out_base = static_cast<uint16_t*>(p.out.data);
   float* lse = static_cast<float*>(p.lse);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    if (!row_ok[i] || !(row_sum[i] > 0.0f)) continue;
-    const float inv = 1.0f / row_sum[i];
-    uint16_t* dst = out_base + head_row_offset(p.out, b, h, row_pos[i]);
-#pragma unroll
-    for (int n = 0; n < kON; ++n) {
-      const int col = 8 * n + 2 * t;
-      if (col < D) dst[col] = float_to_bits<T>(o[n][2 * i] * inv);
-      if (col + 1 < D) dst[col + 1] = float_to_bits<T>(o[n][2 * i + 1] * inv);
-    }
-    // lse = log(sum_j exp(score_j * scale)) = max * ln 2 + log(sum_j exp2(x_j - max)), x in log2 units.
-    if (t == 0) lse[(b * H + h) * N + row_pos[i]] = row_max[i] * kLn2 + logf(row_sum[i]);
+    if (!rows_of_thread.ok[i] || !(softmax.row_sum[i] > 0.0f)) continue;
+    softmax.store_row(i, out_base + head_row_offset(p.out, b, h, rows_of_thread.pos[i]), D, lane);
+    if (t == 0) lse[(b * H + h) * N + rows_of_thread.pos[i]] = softmax.lse(i);
   }
 }
 

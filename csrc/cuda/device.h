@@ -46,6 +46,10 @@ inline int allow_shared_bytes(Kernel kernel, int64_t bytes) {
 
 namespace longformer::cuda {
 
+__host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Accumulation type of a storage type: double for double, float for everything else.
 template <typename T> struct Accumulate { using type = float; };
 template <> struct Accumulate<double> { using type = double; };

@@ -28,6 +28,7 @@
 // Workspaces (accumulation dtype A): forward [B*H, rows, D + 2] partials; backward delta [B*H*N]
 // (only the global rows are written and read) followed by [B*H, rows, D] partials.
 #include "device.h"
+#include "global_split.h"
 #include "launchers.h"
 #include "warp_math.h"
 
@@ -37,39 +38,6 @@ namespace {
 constexpr int kWarps = 8;          // warps sharing one chunk of a global row
 constexpr int kGroup = 2;          // keys per step of a warp
 constexpr int kRowWarps = 4;       // rows per block in the warp-per-row kernels
-constexpr int64_t kChunkKeys = 256;  // target keys per chunk (32 per warp)
-constexpr int64_t kMaxChunks = 64;   // chunks per row at most (longer rows get longer chunks)
-constexpr int64_t kSplitRows = 16;   // global rows per (b, h) that get every chunk
-// Blocks of the chunk kernels (grid-stride loop beyond). A prime: block x takes items x, x + cap,
-// x + 2 cap, ..., whose chunk indices (item % max_chunks) then cycle through every value. With a
-// cap that is a multiple of max_chunks (4096 and 64) each block would always get the same chunk
-// index, and the blocks of chunk indices >= chunks_of(count) (3/4 of them with 64 global tokens)
-// would never get work.
-constexpr int64_t kGridCap = 4093;
-
-// How the keys of the global rows are split (from N only, so results do not depend on the GPU).
-struct SplitShape {
-  int64_t max_chunks;  // chunk index range of the work items
-  int64_t rows;        // partial slots per (b, h) in the workspace
-};
-
-SplitShape split_shape(const AttentionParams& p) {
-  const int64_t chunks = min_i64(max_i64(ceil_div(p.seqlen, kChunkKeys), 1), kMaxChunks);
-  return SplitShape{chunks, max_i64(min_i64(p.seqlen, chunks * kSplitRows), 1)};
-}
-
-// Chunks of each global row of a batch row with `count` (>= 1) global tokens.
-__device__ __forceinline__ int64_t chunks_of(const SplitShape& s, int64_t count) {
-  return max_i64(min_i64(s.max_chunks, s.rows / count), 1);
-}
-
-// Largest count[b]: the work items of later global slots are all idle.
-__device__ __forceinline__ int64_t max_count(const AttentionParams& p, const GlobalKeys& globals) {
-  int64_t m = 0;
-  for (int64_t b = 0; b < p.batch; ++b) m = max_i64(m, globals.count[b]);
-  return m;
-}
-
 // Work item -> (b, h, slot g, chunk c), g-major.
 struct Item {
   int64_t b, h, bh, g, c;
@@ -395,10 +363,11 @@ int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType
 }
 
 int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                             void* stream) {
+                             bool tensor_cores, void* stream) {
   const int64_t slots = p.batch * p.heads * p.seqlen;
   if (slots == 0 || p.head_dim == 0) return 0;
   const SplitShape split = split_shape(p);
+  const bool mma = tensor_cores && global_attention_forward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -406,8 +375,9 @@ int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void
       constexpr bool kFull = decltype(dim)::kFull;
       auto chunk = &global_forward_kernel<T, E, kFull>;
       auto combine = &global_forward_combine_kernel<T, E, kFull>;
-      int err = LONGFORMER_LAUNCH(chunk, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream, p, g,
-                                  split, workspace);
+      const int err = mma ? global_attention_forward_mma_chunks(p, g, split, workspace, dtype, stream)
+                          : LONGFORMER_LAUNCH(chunk, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream,
+                                              p, g, split, workspace);
       if (err != 0 || split.max_chunks == 1) return err;
       return LONGFORMER_LAUNCH(combine, dim3(combine_grid(p)), dim3(kRowWarps * kWarpSize), 0, stream, p, g, split,
                                static_cast<const void*>(workspace));

@@ -61,8 +61,10 @@ int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKe
 // row are split across blocks; `workspace` (uninitialised, the size asked for) holds the chunk
 // partials that a second kernel combines in a fixed order.
 int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType dtype);
+// `tensor_cores`: the chunks on tensor cores where the inputs allow (float16/bfloat16), as tiles of
+// 64 gathered global rows; SIMT otherwise (one warp per row and key group).
 int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                             void* stream);
+                             bool tensor_cores, void* stream);
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows), written,
 // or with `accumulate` added to what they hold (the local rows' part, when both share q, k, v).

@@ -17,6 +17,14 @@
 #include "launchers.h"
 #include "mma.h"
 
+#ifdef LONGFORMER_HOST_EMULATION
+#define LONGFORMER_MMA_BOUNDS
+#else
+// The tensor-core kernels' blocks: 128 threads; lets ptxas use up to 255 registers per thread (no
+// forced spills).
+#define LONGFORMER_MMA_BOUNDS __launch_bounds__(128)
+#endif
+
 namespace longformer::cuda::mma_tiles {
 
 constexpr int kWarps = 4;
@@ -226,17 +234,30 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t
   a[3] = load_u32(p + 8 * kPitch + 8);
 }
 
-// This thread's two rows of a block (its warp's rows g and g + 8): their subsequence indices,
-// positions, and whether they are computed (the block's row flags in shared memory).
-__device__ __forceinline__ void thread_rows(int64_t s0, int64_t r, int64_t d, const unsigned char* row_flags,
-                                            int64_t (&row_s)[2], int64_t (&row_pos)[2], bool (&row_ok)[2]) {
-  const int rr0 = (static_cast<int>(threadIdx.x) >> 5) * 16 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
+// This thread's two rows of a block (its warp's rows g and g + 8): their subsequence indices s,
+// positions, and whether they are computed; and the subsequence indices of its warp's first and
+// last row (rows ascend within a warp), which bound the keys the warp can reach.
+struct ThreadRows {
+  int64_t s[2], pos[2];
+  bool ok[2];
+  int64_t warp_first, warp_last;
+};
+
+// The rows of a block of consecutive subsequence indices s0.. of residue r (flags: the block's row
+// flags in shared memory).
+__device__ __forceinline__ ThreadRows thread_rows(int64_t s0, int64_t r, int64_t d, const unsigned char* row_flags) {
+  const int warp_row0 = (static_cast<int>(threadIdx.x) >> 5) * 16;
+  const int rr0 = warp_row0 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
+  ThreadRows rows;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    row_s[i] = s0 + rr0 + 8 * i;
-    row_pos[i] = r + row_s[i] * d;
-    row_ok[i] = row_flags[rr0 + 8 * i] != 0;
+    rows.s[i] = s0 + rr0 + 8 * i;
+    rows.pos[i] = r + rows.s[i] * d;
+    rows.ok[i] = row_flags[rr0 + 8 * i] != 0;
   }
+  rows.warp_first = s0 + warp_row0;
+  rows.warp_last = rows.warp_first + 15;
+  return rows;
 }
 
 // The A fragments of a warp's 16 rows for every k-step, as a_frag for the products above: held in
@@ -257,6 +278,103 @@ struct OperandFragments {
       a[0] = f[ks][0], a[1] = f[ks][1], a[2] = f[ks][2], a[3] = f[ks][3];
     } else {
       load_a_fragment<DP>(a, rows, ks, lane);
+    }
+  }
+};
+
+// The key tiles of the forward kernels (banded_attention_forward_mma.cu,
+// global_attention_forward_mma.cu). 64 keys keep S at 32 registers per thread; at DP = 256 the O
+// accumulator alone is 128 registers, so S shrinks to 16 keys (with 32, ptxas spilled 8 bytes on
+// sm_90). Q fragments live in registers up to DP = 128 (32 registers); at 256 they are re-read
+// from shared memory per key tile to leave room for the accumulator.
+template <int DP>
+struct ForwardShape {
+  static constexpr int kBlockK = DP <= 128 ? 64 : 16;
+  static constexpr bool kQInRegisters = DP <= 128;
+};
+
+// The online softmax of a warp's 16 query rows over a sequence of key tiles, held as mma C
+// fragments (this thread: rows g and g + 8, spread over a lane quad): the running max of the
+// scores in log2 units (x = score * scale * log2 e), this lane's part of each row's sum of
+// exp2(x - max), and the unnormalised output O = sum_j exp2(x_j - max) v_j, all in fp32.
+template <typename T, int DP, int kBlockK>
+struct OnlineSoftmaxRows {
+  static constexpr int kNT = kBlockK / 8;  // n-tiles of S per key tile
+  static constexpr int kON = DP / 8;       // n-tiles of O
+  float o[kON][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+
+  // One key tile in shared memory: S = Q K^T, masked by allowed(i, c) (-inf: exp2 gives exactly 0),
+  // rescale by the new max, P = exp2(x - max) rounded to 16 bits as the A fragment, O += P V.
+  template <typename QFragments, typename Allowed>
+  __device__ __forceinline__ void absorb(const QFragments& q, const uint16_t* sK, const uint16_t* sV,
+                                         float scale_log2, Allowed&& allowed, int lane) {
+    float s[kNT][4] = {};
+    mma_times_rows_transposed<T, DP, kNT>(s, q, sK, lane);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1, c = 8 * j + (e & 1);
+        const float x = allowed(i, c) ? s[j][e] * scale_log2 : -INFINITY;
+        s[j][e] = x;
+        tile_max[i] = fmaxf(tile_max[i], x);
+      }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      // The four lanes of a quad hold the same two rows.
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(kFull, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(kFull, tile_max[i], 2));
+      const float new_max = fmaxf(row_max[i], tile_max[i]);
+      // While a row has seen no key its max is -inf; subtracting 0 instead keeps exp2(-inf - m)
+      // at 0 rather than NaN (-inf - -inf).
+      base[i] = new_max == -INFINITY ? 0.0f : new_max;
+      alpha[i] = exp2f(row_max[i] - base[i]);  // 0 when the old max was -inf
+      row_max[i] = new_max;
+      row_sum[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int n = 0; n < kON; ++n) {
+      o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pv = exp2f(s[j][e] - base[e >> 1]);
+        s[j][e] = pv;
+        row_sum[e >> 1] += pv;
+      }
+    }
+    mma_accumulate_rows<T, DP, kBlockK>(o, s, sV, lane);
+  }
+
+  // After the last tile: each row's full sum over its quad.
+  __device__ __forceinline__ void finish() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 1);
+      row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 2);
+    }
+  }
+  // Row i's log-sum-exp in natural units: max * ln 2 + log(sum_j exp2(x_j - max)).
+  __device__ __forceinline__ float lse(int i) const {
+    return row_max[i] * 0.693147180559945309f + logf(row_sum[i]);
+  }
+  // This thread's columns of row i, normalised, into a row of D 16-bit elements (after finish()).
+  __device__ __forceinline__ void store_row(int i, uint16_t* dst, int64_t D, int lane) const {
+    const float inv = 1.0f / row_sum[i];
+    const int t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < kON; ++n) {
+      const int col = 8 * n + 2 * t;
+      if (col < D) dst[col] = float_to_bits<T>(o[n][2 * i] * inv);
+      if (col + 1 < D) dst[col + 1] = float_to_bits<T>(o[n][2 * i + 1] * inv);
     }
   }
 };
@@ -316,15 +434,26 @@ struct KeyTilePipeline {
                                         int64_t residue, int64_t dilation, int64_t L, int64_t s0, int rows,
                                         int64_t window_left, int64_t window_right, const int64_t* globals,
                                         int64_t globals_count, bool vectorised, unsigned char* shared) {
+    const int64_t l = window_left < L ? window_left : L, rt = window_right < L ? window_right : L;
+    const int64_t end = s0 + rows + rt;  // exclusive
+    setup_band(params, first_operand, second_operand, batch, head, residue, dilation, s0 - l > 0 ? s0 - l : 0,
+               end < L ? end : L, l, rt, globals, globals_count, vectorised, shared);
+  }
+  // The same with the band tiles' range [begin, end) given: row s sees the band keys of that range
+  // in [s - window_left, s + window_right].
+  __device__ __forceinline__ void setup_band(const AttentionParams& params, const RowMajorHeads& first_operand,
+                                             const RowMajorHeads& second_operand, int64_t batch, int64_t head,
+                                             int64_t residue, int64_t dilation, int64_t begin, int64_t end,
+                                             int64_t window_left, int64_t window_right, const int64_t* globals,
+                                             int64_t globals_count, bool vectorised, unsigned char* shared) {
     p = &params;
     first = &first_operand;
     second = &second_operand;
     b = batch, h = head, r = residue, d = dilation, D = params.head_dim;
-    left = window_left < L ? window_left : L;
-    right = window_right < L ? window_right : L;
-    band_begin = s0 - left > 0 ? s0 - left : 0;
-    const int64_t band_end_raw = s0 + rows + right;  // exclusive
-    band_end = band_end_raw < L ? band_end_raw : L;
+    left = window_left;
+    right = window_right;
+    band_begin = begin;
+    band_end = end;
     global_index = globals;
     global_count = globals_count;
     vec = vectorised;
@@ -398,18 +527,19 @@ struct KeyTilePipeline {
   // Walks every tile (issue(0) must have been called). For each tile a warp does not skip it calls
   // process(sK, sV, stage, allowed), where allowed(i, c) says whether this thread's row i (0: the warp's
   // row g, 1: g + 8) may see key column 2t + c of the tile (c a compile-time constant after
-  // unrolling: the lambdas fold this lane's 2t into their bounds once per tile). row_s / row_pos
-  // are the rows' subsequence indices and positions, row_ok whether they are computed at all.
+  // unrolling: the lambdas fold this lane's 2t into their bounds once per tile). `rows` are this
+  // thread's rows (subsequence indices, positions, whether computed) and its warp's row range.
   // Every thread of the block calls it (it holds the barriers).
   template <typename Process>
-  __device__ __forceinline__ void run(const int64_t (&row_s)[2], const int64_t (&row_pos)[2], const bool (&row_ok)[2],
-                                      Process&& process) const {
+  __device__ __forceinline__ void run(const ThreadRows& rows, Process&& process) const {
     const int lane = static_cast<int>(threadIdx.x) & 31, t = lane & 3;
+    const int64_t(&row_s)[2] = rows.s;
+    const int64_t(&row_pos)[2] = rows.pos;
+    const bool(&row_ok)[2] = rows.ok;
     // A warp whose 16 rows are all padding/global/out of range does no math (it still joins barriers).
     const bool warp_active = __any_sync(kFull, row_ok[0] || row_ok[1]);
     // Subsequence indices this warp's rows can reach in the band (for skipping whole key tiles).
-    const int64_t warp_s_first = row_s[0] - (lane >> 2);
-    const int64_t warp_key_lo = warp_s_first - left, warp_key_hi = warp_s_first + 15 + right;
+    const int64_t warp_key_lo = rows.warp_first - left, warp_key_hi = rows.warp_last + right;
     const bool causal = p->causal;
     const auto every_key = [](int, int) { return true; };
     for (int64_t tile = 0; tile < tiles; ++tile) {

@@ -158,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (prep.empty) return {out, lse};
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
-  if (use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_FORWARD")) {
+  const bool tensor_cores = use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_FORWARD");
+  if (tensor_cores) {
     glue_check(banded_attention_forward_mma(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
   } else {
     glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
@@ -166,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (global_attention_mask) {  // the global rows, into the same out and lse
     const AttentionParams g = global_rows_params(prep.params, global_q, global_k, global_v);
     at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(g, prep.dtype), q);
-    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, glue_stream(q)),
+    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, tensor_cores,
+                                        glue_stream(q)),
                "banded_attn (global rows)");
   }
   return {out, lse};

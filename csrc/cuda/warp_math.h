@@ -46,9 +46,6 @@ template <typename A>
 __device__ __forceinline__ A max_of(A a, A b) {
   return a > b ? a : b;
 }
-__host__ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Device twins of the host-only helpers of params.h (same int64 formulas: a [B, H, N, D] tensor may
 // exceed 2^31 elements).

@@ -1,0 +1,196 @@
+// Rows of global queries on tensor cores (fp16 / bf16 in, fp32 softmax and accumulation): each
+// global row g of (b, h) attends to every real key of its batch row (keys j <= g when causal), with
+// the global projections when the op has them (p.q/k/v are then global_q/k/v).
+//
+// A work item is (tile of 64 of the batch row's global rows, gathered by position in ascending
+// order; b, h; chunk c of the keys, global_split.h). Its block walks the chunk's key range through
+// mma_tiles::KeyTilePipeline as band tiles of the undilated sequence (residue 0, dilation 1) with a
+// window that reaches every key, its right side 0 when causal (which masks the keys after each
+// row); band tiles stage the range's local keys, and chunk 0 also takes every global key as global
+// tiles, so each key belongs to exactly one chunk. The softmax is the local rows' forward's
+// (mma_tiles::OnlineSoftmaxRows). With one chunk per row (C_b == 1) the block writes the rows and
+// their lse; else it writes each row's partial (max and sum in natural-log units, unnormalised
+// output) for the combine kernel of global_attention.cu, which merges a row's chunks in order:
+// deterministic, no atomics. The chunk's key range comes from the tile's last (largest) row when
+// causal, so it is the same for the tile's rows and covers each row's keys.
+//
+// The grid is a capped grid-stride loop over the items, tile-major, so blocks stop at the largest
+// global count of the batch (the count lives on the device; the host knows only N).
+#include <cstdint>
+
+#include "global_split.h"
+#include "mma_tiles.h"
+
+namespace longformer::cuda {
+namespace {
+
+using namespace mma_tiles;
+
+// Blocks of the grid-stride loop. Fewer than the SIMT chunk kernels' kGridCap: a block here holds
+// tens of KiB of shared memory, so idle blocks are not free. A prime, for the reason given there:
+// every block then meets every chunk index.
+constexpr int64_t kMmaGridCap = 1021;
+
+template <int DP>
+struct GlobalRowTiles {
+  static constexpr int kBlockK = ForwardShape<DP>::kBlockK;
+  static constexpr bool kQInRegisters = ForwardShape<DP>::kQInRegisters;
+  using Keys = KeyTilePipeline<DP, kBlockK>;
+  // Layout: key tile pipeline | Q | query positions (int64) | query flags.
+  static constexpr int64_t kQOffset = Keys::kBytes;
+  static constexpr int64_t kQueryPosOffset = kQOffset + Rows<DP>::bytes(kBlockRows);
+  static constexpr int64_t kQueryOkOffset = kQueryPosOffset + int64_t{kBlockRows} * 8;
+  static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
+};
+
+// This thread's two rows of a tile of gathered rows (positions ascending, `rows` of them), whose
+// subsequence index is their position (dilation 1), and its warp's first and last row.
+__device__ __forceinline__ ThreadRows gathered_rows(const int64_t* positions, const unsigned char* row_flags,
+                                                    int rows) {
+  const int warp_row0 = (static_cast<int>(threadIdx.x) >> 5) * 16;
+  const int rr0 = warp_row0 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
+  ThreadRows out;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out.s[i] = out.pos[i] = positions[rr0 + 8 * i];
+    out.ok[i] = row_flags[rr0 + 8 * i] != 0;
+  }
+  // A warp without rows has no computed row and skips every tile; its bounds are never used.
+  const int last = warp_row0 + 15 < rows - 1 ? warp_row0 + 15 : (rows > 0 ? rows - 1 : 0);
+  out.warp_first = positions[warp_row0];
+  out.warp_last = positions[last];
+  return out;
+}
+
+template <typename T, int DP>
+__global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+                                                                     const SplitShape split, float* workspace,
+                                                                     bool vec) {
+  using Tiles = GlobalRowTiles<DP>;
+  constexpr int kPitch = Rows<DP>::kPitch;
+  const int64_t H = p.heads, N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
+  int64_t* query_pos = reinterpret_cast<int64_t*>(smem + Tiles::kQueryPosOffset);
+  unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5, lane = tid & 31, t = lane & 3;
+  const uint16_t* q_base = static_cast<const uint16_t*>(p.q.data);
+  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  int64_t most = 0;  // largest global count: row tiles past it are idle everywhere
+  for (int64_t b = 0; b < p.batch; ++b) most = max_i64(most, gk.count[b]);
+  const int64_t row_tiles = ceil_div(most, kBlockRows);
+
+  for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
+    const int64_t c = item % split.max_chunks, rest = item / split.max_chunks;
+    const int64_t bh = rest % BH, tile = rest / BH;
+    if (tile >= row_tiles) break;  // block-uniform; no barrier follows the loop
+    const int64_t b = bh / H, h = bh % H, count = gk.count[b], g0 = tile * kBlockRows;
+    if (g0 >= count) continue;  // block-uniform
+    const int64_t chunks = chunks_of(split, count);
+    if (c >= chunks) continue;  // block-uniform
+    const int rows = static_cast<int>(min_i64(count - g0, kBlockRows));
+    const int64_t* index = gk.index + b * N;
+    const uint8_t* roles = p.roles + b * N;
+    const int64_t key_end = p.causal ? index[g0 + rows - 1] + 1 : N;
+    const int64_t len = ceil_div(key_end, chunks);
+    const int64_t key_begin = min_i64(c * len, key_end);
+    typename Tiles::Keys keys;
+    keys.setup_band(p, p.k, p.v, b, h, 0, 1, key_begin, min_i64(key_end, key_begin + len), N, p.causal ? 0 : N,
+                    index, c == 0 ? count : 0, vec, smem);
+
+    // ---- the tile's Q rows (gathered), then the first key tile; wait for Q only.
+    for (int x = tid; x < kBlockRows * Rows<DP>::kChunks; x += kThreads) {
+      const int row = x / Rows<DP>::kChunks, chunk = x % Rows<DP>::kChunks;
+      const uint16_t* src = nullptr;
+      int64_t pos = 0;
+      if (row < rows) {
+        pos = index[g0 + row];
+        if (roles[pos] == kGlobal) src = q_base + head_row_offset(p.q, b, h, pos);
+      }
+      if (chunk == 0) {
+        query_ok[row] = src != nullptr;
+        query_pos[row] = pos;
+      }
+      stage_row_chunk(sQ + row * kPitch, src, chunk, D, vec, q_base);
+    }
+    cp_async_commit();
+    keys.issue(0);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const ThreadRows mine = gathered_rows(query_pos, query_ok, rows);
+    const OperandFragments<DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
+    OnlineSoftmaxRows<T, DP, Tiles::kBlockK> softmax;
+    keys.run(mine, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+      softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
+    });
+    softmax.finish();
+
+    // ---- the rows (one chunk) or their partials
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int slot = warp * 16 + (lane >> 2) + 8 * i;
+      if (slot >= rows) continue;
+      const bool seen = mine.ok[i] && softmax.row_sum[i] > 0.0f;
+      if (chunks == 1) {
+        if (!seen) continue;  // no key: the row keeps out 0, lse -inf
+        softmax.store_row(i, static_cast<uint16_t*>(p.out.data) + head_row_offset(p.out, b, h, mine.pos[i]), D,
+                          lane);
+        if (t == 0) static_cast<float*>(p.lse)[(b * H + h) * N + mine.pos[i]] = softmax.lse(i);
+        continue;
+      }
+      // Partial of chunk c: m = -inf, l = 0, o = 0 when the row saw no key here.
+      float* part = workspace + ((bh * split.rows) + (g0 + slot) * chunks + c) * (D + 2);
+      if (t == 0) {
+        part[0] = seen ? softmax.row_max[i] * 0.693147180559945309f : -INFINITY;
+        part[1] = seen ? softmax.row_sum[i] : 0.0f;
+      }
+#pragma unroll
+      for (int n = 0; n < DP / 8; ++n) {
+        const int col = 8 * n + 2 * t;
+        if (col < D) part[2 + col] = seen ? softmax.o[n][2 * i] : 0.0f;
+        if (col + 1 < D) part[3 + col] = seen ? softmax.o[n][2 * i + 1] : 0.0f;
+      }
+    }
+    __syncthreads();  // the block's next item restages Q and the key tiles
+  }
+}
+
+template <typename T, int DP>
+int launch_global_rows_mma(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
+                           void* stream) {
+  using Tiles = GlobalRowTiles<DP>;
+  const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * split.max_chunks;
+  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
+  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 3);
+  auto kernel = global_rows_forward_mma_kernel<T, DP>;
+  if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
+  return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
+                           static_cast<int>(Tiles::kSmemBytes), stream, p, g, split, static_cast<float*>(workspace),
+                           vec);
+}
+
+template <typename T>
+int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
+                      void* stream) {
+  if (p.head_dim <= 32) return launch_global_rows_mma<T, 32>(p, g, split, workspace, stream);
+  if (p.head_dim <= 64) return launch_global_rows_mma<T, 64>(p, g, split, workspace, stream);
+  if (p.head_dim <= 128) return launch_global_rows_mma<T, 128>(p, g, split, workspace, stream);
+  return launch_global_rows_mma<T, 256>(p, g, split, workspace, stream);
+}
+
+}  // namespace
+
+bool global_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
+}
+
+int global_attention_forward_mma_chunks(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split,
+                                        void* workspace, DType dtype, void* stream) {
+  if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, stream);
+  if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, stream);
+  return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+}
+
+}  // namespace longformer::cuda
