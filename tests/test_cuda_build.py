@@ -101,7 +101,9 @@ def _resources():
 # tensor-core kernels (128 threads per block). The forward at D=64: 168 registers leave 3 blocks
 # (12 warps) per SM, which its shared memory (46 KiB per block) allows too; at D=128, 2 blocks;
 # D=256 takes all 255; the global rows' forward (gathered query tiles) is within the same budgets
-# (154-156, 168, 228-237, 252-254). The backward's dQ kernel (176-182 at D=64 and 128) leaves 2 blocks, so does
+# (154-156, 168, 228-237, 252-254), and so are the global rows' dQ (136-146, 174-178, 176-177)
+# and dK/dV (134-136, 222-229, 227-228: one accumulator pair over 64 key rows); the global keys'
+# dK/dV from the local rows (165-166, 241-246, 252) like the local dK/dV kernel. The backward's dQ kernel (176-182 at D=64 and 128) leaves 2 blocks, so does
 # its dK/dV kernel (two accumulators, dK and dV: 241-246 at D=64, 254-255 at 128). Measured with nvcc 13.0; a budget only a little above
 # today's count catches a change that costs a block per SM. The SIMT kernels stay within 128
 # (float64: 240, its values take register pairs; 228 today for the global rows at D > 128, sm_80).
@@ -110,7 +112,14 @@ MMA_REGISTERS = {
     "global_rows_forward_mma_kernel": {32: 160, 64: 176, 128: 240, 256: 255},
     "local_dq_mma_kernel": {32: 160, 64: 192, 128: 192},
     "local_dkdv_mma_kernel": {32: 176, 64: 250, 128: 255},
+    "global_keys_dkdv_mma_kernel": {32: 176, 64: 250, 128: 255},
+    "global_dq_mma_kernel": {32: 160, 64: 192, 128: 192},
+    "global_dkdv_mma_kernel": {32: 160, 64: 240, 128: 240},
 }
+# The tensor-core backward kernels: local rows (dQ; dK/dV of the band keys; the global keys' dK/dV
+# from them) and global rows (their dQ; their part of every key's dK/dV).
+MMA_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_keys_dkdv_mma_kernel",
+                        "global_dq_mma_kernel", "global_dkdv_mma_kernel")
 # The tensor-core backward reduces nothing across lanes (its row statistics come with the rows).
 MMA_BACKWARD_SHUFFLES = 0
 SIMT_REGISTERS = 128
@@ -168,7 +177,7 @@ def test_half_forward_uses_tensor_cores():
 def test_half_backward_uses_tensor_cores_and_no_shuffles():
     sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
     for arch in ARCHS:
-        for kernel in ("local_dq_mma_kernel", "local_dkdv_mma_kernel"):
+        for kernel in MMA_BACKWARD_KERNELS:
             found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
             assert len(found) == 6, f"expected 2 dtypes x 3 head-dim tiles of {kernel} on {arch}, found {sorted(found)}"
             for name, text in found.items():

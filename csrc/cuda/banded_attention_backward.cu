@@ -18,10 +18,13 @@
 //      row may see. A (b, h) has at most N partial slots; each of the count[b] global keys gets
 //      `chunks` = min(N / count, ceil(N / kChunkRows)) of them (decided on the device, the host does
 //      not know count), one block per slot summing one contiguous chunk of queries: its warps take
-//      queries round-robin and are combined in shared memory in warp order.
+//      queries round-robin and are combined in shared memory in warp order (on tensor cores
+//      instead for float16/bfloat16 with D <= 128: tiles of 64 global keys per chunk,
+//      banded_attention_backward_mma.cu; the same partials).
 //   4. global_key_combine_kernel: one warp per global key sums its chunks in chunk order and writes
 //      dK/dV.
 // Workspace: delta [B*H*N] then partials [B*H][N][2*D], both in the accumulation dtype.
+#include "backward_split.h"
 #include "device.h"
 #include "launchers.h"
 #include "warp_math.h"
@@ -32,23 +35,6 @@ namespace {
 constexpr int kRowWarps = 4;     // rows per block in the warp-per-row kernels
 constexpr int kGroup = 2;        // keys (queries) processed together for instruction-level parallelism
 constexpr int kChunkWarps = 8;   // warps of a global-key partial block
-constexpr int64_t kChunkRows = 512;  // smallest query chunk worth its own block
-
-template <typename A>
-__device__ __forceinline__ A* delta_of(void* workspace) {
-  return static_cast<A*>(workspace);
-}
-template <typename A>
-__device__ __forceinline__ A* partials_of(const AttentionParams& p, void* workspace) {
-  const int64_t offset = ceil_div(p.batch * p.heads * p.seqlen * static_cast<int64_t>(sizeof(A)), 256) * 256;
-  return reinterpret_cast<A*>(static_cast<unsigned char*>(workspace) + offset);
-}
-
-// Chunks per global key (see 3. above): the partials of all count keys fit in N slots.
-__device__ __forceinline__ int64_t chunks_per_global(int64_t count, int64_t n) {
-  if (count <= 0) return 1;
-  return max_i64(1, min_i64(n / count, ceil_div(n, kChunkRows)));
-}
 
 // ---- 1. delta_i = dO_i . O_i -------------------------------------------------------------------
 
@@ -273,8 +259,9 @@ int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
         err = LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
       }
       if (err != 0) return err;
-      err = LONGFORMER_LAUNCH(partial, dim3(grid_for(rows, 1)), dim3(kChunkWarps * kWarpSize), 0, stream, p, g,
-                              workspace);
+      err = mma ? banded_attention_backward_mma_global_keys(p, g, workspace, dtype, stream)
+                : LONGFORMER_LAUNCH(partial, dim3(grid_for(rows, 1)), dim3(kChunkWarps * kWarpSize), 0, stream, p,
+                                    g, workspace);
       if (err != 0) return err;
       return LONGFORMER_LAUNCH(combine, row_grid, row_block, 0, stream, p, g, workspace);
     });

@@ -5,7 +5,8 @@
 //   dQ_i = scale * sum_j p_ij (dP_ij - delta_i) k_j   over the band keys and global keys of local row i
 //   dK_j = scale * sum_i p_ij (dP_ij - delta_i) q_i   over the local rows i whose band holds local key j
 //   dV_j =         sum_i p_ij dO_i
-// (The global keys' dK/dV from the local rows stay with the SIMT kernels 3 and 4 there.)
+// and the global keys' dK/dV from the local rows (kernel 3 there; its combine, kernel 4, sums the
+// chunk partials of either).
 //
 // Both kernels take a block of 64 rows of one dilation residue (mma_tiles.h) and walk tiles of 64
 // rows through mma_tiles::KeyTilePipeline (cp.async, two stages):
@@ -20,33 +21,14 @@
 // in padding rows cannot reach a result.
 #include <cstdint>
 
-#include "mma_tiles.h"
+#include "backward_split.h"
+#include "global_split.h"
+#include "mma_backward.h"
 
 namespace longformer::cuda {
 namespace {
 
 using namespace mma_tiles;
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// Compile-time shape of one head-dim tile, and the shared memory of both kernels: the tile
-// pipeline (key tiles for dQ, query tiles for dK/dV), then the block's own 64 rows of two operands
-// (dQ: q and grad_out; dK/dV: k and v) and their flags.
-template <int DP, bool kQueryTiles>
-struct BwdTiles {
-  static_assert(DP == 32 || DP == 64 || DP == 128, "the tensor-core backward takes head dims up to 128");
-  // Up to D = 64 the block's two operands live in registers as A fragments and tiles hold 64 rows.
-  // At 128 the two accumulators alone (dK and dV) take 128 registers: the operands are re-read
-  // from shared memory per tile and tiles hold 32 rows for dQ, 16 for dK/dV (with 32, ptxas
-  // spilled 16-32 bytes there).
-  static constexpr int kBlockK = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
-  static constexpr bool kOperandsInRegisters = DP <= 64;
-  using Tiles = KeyTilePipeline<DP, kBlockK, kQueryTiles>;
-  static constexpr int64_t kAOffset = Tiles::kBytes;
-  static constexpr int64_t kBOffset = kAOffset + Rows<DP>::bytes(kBlockRows);
-  static constexpr int64_t kRowOkOffset = kBOffset + Rows<DP>::bytes(kBlockRows);
-  static constexpr int64_t kSmemBytes = kRowOkOffset + kBlockRows;
-};
 
 // Stages the block's rows of operands a and b (local rows, and for queries only those with a
 // finite lse; others zero with flag 0) as one cp.async group.
@@ -56,44 +38,11 @@ __device__ __forceinline__ void stage_block_rows(const AttentionParams& p, const
                                                  bool vec, uint16_t* sA, uint16_t* sB, unsigned char* row_ok) {
   const uint8_t* roles = p.roles + w.b * p.seqlen;
   const float* lse = static_cast<const float*>(p.lse) + (w.b * p.heads + w.h) * p.seqlen;
-  const uint16_t* a_base = static_cast<const uint16_t*>(a.data);
-  const uint16_t* b_base = static_cast<const uint16_t*>(b.data);
-  for (int c = static_cast<int>(threadIdx.x); c < kBlockRows * Rows<DP>::kChunks; c += kThreads) {
-    const int row = c / Rows<DP>::kChunks, chunk = c % Rows<DP>::kChunks;
-    bool ok = false;
-    int64_t pos = 0;
-    if (row < w.rows) {
-      pos = w.r + (w.s0 + row) * w.d;
-      ok = roles[pos] == kLocal && (!need_lse || lse[pos] != -INFINITY);
-    }
-    if (chunk == 0) row_ok[row] = ok;
-    stage_row_chunk(sA + row * Rows<DP>::kPitch, ok ? a_base + head_row_offset(a, w.b, w.h, pos) : nullptr, chunk,
-                    p.head_dim, vec, a_base);
-    stage_row_chunk(sB + row * Rows<DP>::kPitch, ok ? b_base + head_row_offset(b, w.b, w.h, pos) : nullptr, chunk,
-                    p.head_dim, vec, b_base);
-  }
+  stage_rows<DP>(w.b, w.h, p.head_dim, a, sA, &b, sB, vec, row_ok, nullptr, [&](int row, int64_t& pos) {
+    pos = w.r + (w.s0 + row) * w.d;
+    return row < w.rows && roles[pos] == kLocal && (!need_lse || lse[pos] != -INFINITY);
+  });
   cp_async_commit();
-}
-
-// Writes this thread's part of a 16 x DP accumulator tile (rows g and g + 8 of its warp) to `dst`
-// rows, times `scale`, for the rows with row_ok.
-template <typename T, int DP>
-__device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const RowMajorHeads& dst,
-                                           const BlockRows& w, const int64_t (&row_pos)[2],
-                                           const bool (&row_ok)[2], int64_t D, float scale, int lane) {
-  const int t = lane & 3;
-  uint16_t* base = static_cast<uint16_t*>(dst.data);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (!row_ok[i]) continue;
-    uint16_t* out = base + head_row_offset(dst, w.b, w.h, row_pos[i]);
-#pragma unroll
-    for (int n = 0; n < DP / 8; ++n) {
-      const int col = 8 * n + 2 * t;
-      if (col < D) out[col] = float_to_bits<T>(acc[n][2 * i] * scale);
-      if (col + 1 < D) out[col + 1] = float_to_bits<T>(acc[n][2 * i + 1] * scale);
-    }
-  }
 }
 
 template <typename T, int DP>
@@ -151,7 +100,7 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams 
     }
     mma_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
   });
-  store_rows<T, DP>(dq, p.grad_q, w, row_pos, row_ok, D, static_cast<float>(p.scale), lane);
+  store_rows<T, DP>(dq, p.grad_q, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
 }
 
 template <typename T, int DP>
@@ -213,8 +162,109 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
     mma_accumulate_rows<T, DP, kBlockK>(dv, st, sdO, lane);
     mma_accumulate_rows<T, DP, kBlockK>(dk, dpt, sQ, lane);
   });
-  store_rows<T, DP>(dk, p.grad_k, w, row_pos, row_ok, D, static_cast<float>(p.scale), lane);
-  store_rows<T, DP>(dv, p.grad_v, w, row_pos, row_ok, D, 1.0f, lane);
+  store_rows<T, DP>(dk, p.grad_k, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
+  store_rows<T, DP>(dv, p.grad_v, w.b, w.h, row_pos, row_ok, D, 1.0f, false, lane);
+}
+
+// dK/dV of the global keys from the local rows: a block takes a tile of 64 of a batch row's global
+// keys (gathered, ascending) and one chunk of its queries (backward_split.h), walking the chunk's
+// local queries as band tiles of the undilated sequence whose window reaches every query (only
+// those at or after the key when causal), and writes the chunk's partials for the SIMT combine
+// kernel of banded_attention_backward.cu. Items are ordered tile-major over a capped grid.
+template <typename T, int DP>
+__global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+                                                                  const float* delta, float* partials,
+                                                                  int64_t max_chunks, bool vec) {
+  using S = BwdTiles<DP, true>;
+  constexpr int kPitch = Rows<DP>::kPitch;
+  constexpr int kNT = S::kBlockK / 8;
+  const int64_t N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
+  unsigned char* smem = dynamic_shared_memory<unsigned char>();
+  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
+  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  int64_t* key_pos = reinterpret_cast<int64_t*>(smem + S::kRowPosOffset);
+  unsigned char* key_ok = smem + S::kRowOkOffset;
+  const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int t = lane & 3;
+  const float scale = static_cast<float>(p.scale), scale_log2 = scale * kLog2e;
+  int64_t most = 0;  // largest global count: key tiles past it are idle everywhere
+  for (int64_t b = 0; b < p.batch; ++b) most = max_i64(most, gk.count[b]);
+  const int64_t key_tiles = ceil_div(most, kBlockRows);
+
+  for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
+    const int64_t chunk = item % max_chunks, rest = item / max_chunks;
+    const int64_t bh = rest % BH, tile = rest / BH;
+    if (tile >= key_tiles) break;  // block-uniform; no barrier follows the loop
+    const int64_t b = bh / p.heads, h = bh % p.heads, count = gk.count[b], g0 = tile * kBlockRows;
+    if (g0 >= count) continue;  // block-uniform
+    const int64_t chunks = chunks_per_global(count, N);
+    if (chunk >= chunks) continue;  // block-uniform
+    const int rows = static_cast<int>(min_i64(count - g0, kBlockRows));
+    const int64_t len = ceil_div(N, chunks), query_begin = min_i64(chunk * len, N);
+    const int64_t* index = gk.index + b * N;
+    const uint8_t* roles = p.roles + b * N;
+    typename S::Tiles queries;
+    queries.setup_band(p, p.q, p.grad_out, b, h, 0, 1, query_begin, min_i64(N, query_begin + len), p.causal ? 0 : N,
+                       N, nullptr, 0, vec, smem);
+    queries.lse = static_cast<const float*>(p.lse);
+    queries.delta = delta;
+    stage_rows<DP>(b, h, D, p.k, sK, &p.v, sV, vec, key_ok, key_pos, [&](int row, int64_t& pos) {
+      pos = row < rows ? index[g0 + row] : 0;
+      return row < rows && roles[pos] == kGlobal;
+    });
+    cp_async_commit();
+    queries.issue(0);
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // This thread's two partial rows, computed before the walk so that little else stays live.
+    const int slot0 = warp * 16 + (lane >> 2);
+    float* const part0 = partials + (bh * N + (g0 + slot0) * chunks + chunk) * 2 * D;
+    const int64_t part_step = 8 * chunks * 2 * D;  // slot0 + 8
+    const bool write0 = slot0 < rows, write1 = slot0 + 8 < rows;
+    const ThreadRows mine = gathered_rows(key_pos, key_ok, rows);
+    const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
+    const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
+    float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
+    queries.run(mine, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
+      float st[kNT][4] = {}, dpt[kNT][4] = {};
+      mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
+      mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
+      const float* lane_lse = queries.values(stage, 0) + 2 * t;
+      const float* lane_delta = queries.values(stage, 1) + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, c = 8 * j + (e & 1);
+          const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
+          st[j][e] = pv;                                  // P^T
+          dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
+        }
+      }
+      mma_accumulate_rows<T, DP, S::kBlockK>(dv, st, sdO, lane);
+      mma_accumulate_rows<T, DP, S::kBlockK>(dk, dpt, sQ, lane);
+    });
+
+    // The chunk's partial of each key of the tile: dK (times scale), then dV; zeros for a key that
+    // is not global (its rows were not staged).
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!(i == 0 ? write0 : write1)) continue;
+      float* part = part0 + i * part_step;
+#pragma unroll
+      for (int n = 0; n < DP / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = 8 * n + 2 * t + e;
+          if (col >= D) continue;
+          part[col] = mine.ok[i] ? dk[n][2 * i + e] * scale : 0.0f;
+          part[D + col] = mine.ok[i] ? dv[n][2 * i + e] : 0.0f;
+        }
+      }
+    }
+    __syncthreads();  // the block's next item restages its rows and query tiles
+  }
 }
 
 template <typename T, int DP>
@@ -234,6 +284,29 @@ int launch_local_backward_mma(const AttentionParams& p, const GlobalKeys& g, con
     return err;
   return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), static_cast<int>(kDkdvBytes), stream, p, delta, slots,
                            vec);
+}
+
+template <typename T, int DP>
+int launch_global_keys_mma(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
+  const int64_t max_chunks = max_i64(ceil_div(p.seqlen, kChunkRows), 1);
+  const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * max_chunks;
+  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
+  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 4);
+  auto kernel = global_keys_dkdv_mma_kernel<T, DP>;
+  constexpr int64_t kBytes = BwdTiles<DP, true>::kSmemBytes;
+  if (const int err = allow_shared_bytes(kernel, kBytes)) return err;
+  // A prime number of blocks, fewer than items where there are many: see global_split.h.
+  return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
+                           static_cast<int>(kBytes), stream, p, g, delta_of<float>(workspace),
+                           partials_of<float>(p, workspace), max_chunks, vec);
+}
+
+template <typename T>
+int dispatch_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
+  if (p.head_dim <= 32) return launch_global_keys_mma<T, 32>(p, g, workspace, stream);
+  if (p.head_dim <= 64) return launch_global_keys_mma<T, 64>(p, g, workspace, stream);
+  if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
+  return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
 template <typename T>
@@ -257,6 +330,18 @@ int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKe
       return dispatch_head_dim<__half>(p, g, delta, stream);
     case DType::kBFloat16:
       return dispatch_head_dim<__nv_bfloat16>(p, g, delta, stream);
+    default:
+      return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+  }
+}
+
+int banded_attention_backward_mma_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace,
+                                              DType dtype, void* stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return dispatch_global_keys<__half>(p, g, workspace, stream);
+    case DType::kBFloat16:
+      return dispatch_global_keys<__nv_bfloat16>(p, g, workspace, stream);
     default:
       return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
   }

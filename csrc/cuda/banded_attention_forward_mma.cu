@@ -63,20 +63,13 @@ __global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const 
   const int warp = tid >> 5, lane = tid & 31;
   const int t = lane & 3;
   const uint8_t* roles = p.roles + b * N;
-  const uint16_t* q_base = static_cast<const uint16_t*>(p.q.data);
 
   // ---- Q tile (rows that are not local real queries are zero: they are never written), then the
   // first key tile; wait for Q only.
-  for (int c = tid; c < kBlockRows * Rows<DP>::kChunks; c += kThreads) {
-    const int row = c / Rows<DP>::kChunks, chunk = c % Rows<DP>::kChunks;
-    const uint16_t* src = nullptr;
-    if (row < rows) {
-      const int64_t pos = r + (s0 + row) * d;
-      if (roles[pos] == kLocal) src = q_base + head_row_offset(p.q, b, h, pos);
-    }
-    if (chunk == 0) query_ok[row] = src != nullptr;
-    stage_row_chunk(sQ + row * kPitch, src, chunk, D, vec, q_base);
-  }
+  stage_rows<DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, nullptr, [&](int row, int64_t& pos) {
+    pos = r + (s0 + row) * d;
+    return row < rows && roles[pos] == kLocal;
+  });
   cp_async_commit();
   keys.issue(0);
   cp_async_wait<1>();  // the Q group landed (tile 0 may still be in flight)

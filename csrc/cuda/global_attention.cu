@@ -391,10 +391,11 @@ int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 }
 
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool accumulate, void* stream) {
+                              bool accumulate, bool tensor_cores, void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
   const SplitShape split = split_shape(p);
+  const bool mma = tensor_cores && global_attention_backward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -407,14 +408,19 @@ int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
       auto dkdv = &global_dkdv_kernel<T, E, kFull>;
       int err = LONGFORMER_LAUNCH(delta, row_grid, row_block, 0, stream, p, workspace);
       if (err != 0) return err;
-      err = LONGFORMER_LAUNCH(dq, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream, p, g, split,
-                              workspace);
+      if (mma) {  // dQ (rows or partials), then dK/dV
+        err = global_attention_backward_mma(p, g, split, workspace, dtype, accumulate, stream);
+      } else {
+        err = LONGFORMER_LAUNCH(dq, dim3(chunk_grid(p, split)), dim3(kWarps * kWarpSize), 0, stream, p, g, split,
+                                workspace);
+      }
       if (err != 0) return err;
       if (split.max_chunks > 1) {
         err = LONGFORMER_LAUNCH(dq_combine, dim3(combine_grid(p)), row_block, 0, stream, p, g, split,
                                 static_cast<const void*>(workspace));
         if (err != 0) return err;
       }
+      if (mma) return 0;
       return LONGFORMER_LAUNCH(dkdv, row_grid, row_block, 0, stream, p, g, workspace, accumulate);
     });
   });

@@ -26,10 +26,7 @@ namespace {
 
 using namespace mma_tiles;
 
-// Blocks of the grid-stride loop. Fewer than the SIMT chunk kernels' kGridCap: a block here holds
-// tens of KiB of shared memory, so idle blocks are not free. A prime, for the reason given there:
-// every block then meets every chunk index.
-constexpr int64_t kMmaGridCap = 1021;
+static_assert(kRowTile == kBlockRows, "a row tile of global rows is one block of rows");
 
 template <int DP>
 struct GlobalRowTiles {
@@ -43,77 +40,40 @@ struct GlobalRowTiles {
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
-// This thread's two rows of a tile of gathered rows (positions ascending, `rows` of them), whose
-// subsequence index is their position (dilation 1), and its warp's first and last row.
-__device__ __forceinline__ ThreadRows gathered_rows(const int64_t* positions, const unsigned char* row_flags,
-                                                    int rows) {
-  const int warp_row0 = (static_cast<int>(threadIdx.x) >> 5) * 16;
-  const int rr0 = warp_row0 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
-  ThreadRows out;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    out.s[i] = out.pos[i] = positions[rr0 + 8 * i];
-    out.ok[i] = row_flags[rr0 + 8 * i] != 0;
-  }
-  // A warp without rows has no computed row and skips every tile; its bounds are never used.
-  const int last = warp_row0 + 15 < rows - 1 ? warp_row0 + 15 : (rows > 0 ? rows - 1 : 0);
-  out.warp_first = positions[warp_row0];
-  out.warp_last = positions[last];
-  return out;
-}
-
 template <typename T, int DP>
 __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                      const SplitShape split, float* workspace,
                                                                      bool vec) {
   using Tiles = GlobalRowTiles<DP>;
   constexpr int kPitch = Rows<DP>::kPitch;
-  const int64_t H = p.heads, N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
+  const int64_t H = p.heads, N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
   int64_t* query_pos = reinterpret_cast<int64_t*>(smem + Tiles::kQueryPosOffset);
   unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5, lane = tid & 31, t = lane & 3;
-  const uint16_t* q_base = static_cast<const uint16_t*>(p.q.data);
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  int64_t most = 0;  // largest global count: row tiles past it are idle everywhere
-  for (int64_t b = 0; b < p.batch; ++b) most = max_i64(most, gk.count[b]);
-  const int64_t row_tiles = ceil_div(most, kBlockRows);
+  const int64_t row_tiles = global_row_tiles(p, gk);
 
   for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
-    const int64_t c = item % split.max_chunks, rest = item / split.max_chunks;
-    const int64_t bh = rest % BH, tile = rest / BH;
-    if (tile >= row_tiles) break;  // block-uniform; no barrier follows the loop
-    const int64_t b = bh / H, h = bh % H, count = gk.count[b], g0 = tile * kBlockRows;
-    if (g0 >= count) continue;  // block-uniform
-    const int64_t chunks = chunks_of(split, count);
-    if (c >= chunks) continue;  // block-uniform
-    const int rows = static_cast<int>(min_i64(count - g0, kBlockRows));
+    RowTileItem it;
+    const ItemState state = decode_row_tile_item(p, gk, split, item, row_tiles, it);
+    if (state == ItemState::kPastLastTile) break;  // block-uniform; no barrier follows the loop
+    if (state == ItemState::kIdle) continue;       // block-uniform
+    const int64_t b = it.b, h = it.h, g0 = it.g0, chunks = it.chunks, c = it.c;
+    const int rows = it.rows;
     const int64_t* index = gk.index + b * N;
     const uint8_t* roles = p.roles + b * N;
-    const int64_t key_end = p.causal ? index[g0 + rows - 1] + 1 : N;
-    const int64_t len = ceil_div(key_end, chunks);
-    const int64_t key_begin = min_i64(c * len, key_end);
     typename Tiles::Keys keys;
-    keys.setup_band(p, p.k, p.v, b, h, 0, 1, key_begin, min_i64(key_end, key_begin + len), N, p.causal ? 0 : N,
-                    index, c == 0 ? count : 0, vec, smem);
+    keys.setup_band(p, p.k, p.v, b, h, 0, 1, it.key_begin, it.key_end, N, p.causal ? 0 : N, index,
+                    c == 0 ? it.count : 0, vec, smem);
 
     // ---- the tile's Q rows (gathered), then the first key tile; wait for Q only.
-    for (int x = tid; x < kBlockRows * Rows<DP>::kChunks; x += kThreads) {
-      const int row = x / Rows<DP>::kChunks, chunk = x % Rows<DP>::kChunks;
-      const uint16_t* src = nullptr;
-      int64_t pos = 0;
-      if (row < rows) {
-        pos = index[g0 + row];
-        if (roles[pos] == kGlobal) src = q_base + head_row_offset(p.q, b, h, pos);
-      }
-      if (chunk == 0) {
-        query_ok[row] = src != nullptr;
-        query_pos[row] = pos;
-      }
-      stage_row_chunk(sQ + row * kPitch, src, chunk, D, vec, q_base);
-    }
+    stage_rows<DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
+      pos = row < rows ? index[g0 + row] : 0;
+      return row < rows && roles[pos] == kGlobal;
+    });
     cp_async_commit();
     keys.issue(0);
     cp_async_wait<1>();
@@ -141,7 +101,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const Atten
         continue;
       }
       // Partial of chunk c: m = -inf, l = 0, o = 0 when the row saw no key here.
-      float* part = workspace + ((bh * split.rows) + (g0 + slot) * chunks + c) * (D + 2);
+      float* part = workspace + ((it.bh * split.rows) + (g0 + slot) * chunks + c) * (D + 2);
       if (t == 0) {
         part[0] = seen ? softmax.row_max[i] * 0.693147180559945309f : -INFINITY;
         part[1] = seen ? softmax.row_sum[i] : 0.0f;

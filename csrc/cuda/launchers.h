@@ -55,6 +55,10 @@ bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtyp
 // The tensor-core part: `delta` is [B, H, N] float (delta_i = dO_i . O_i, 0 off local rows).
 int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,
                                         DType dtype, void* stream);
+// The global keys' dK/dV from the local rows on tensor cores: the chunk partials of the workspace
+// (backward_split.h), delta filled; the SIMT combine kernel sums them.
+int banded_attention_backward_mma_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace,
+                                              DType dtype, void* stream);
 
 // Rows of global queries over every real key; p.q/k/v are the global projections when the op has
 // them. They run after the local rows' kernels, on the same out and lse. The keys of each global
@@ -68,8 +72,9 @@ int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows), written,
 // or with `accumulate` added to what they hold (the local rows' part, when both share q, k, v).
+// `tensor_cores`: dQ and dK/dV on tensor cores where the inputs allow (float16/bfloat16, D <= 128).
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool accumulate, void* stream);
+                              bool accumulate, bool tensor_cores, void* stream);
 
 // Unfused banded products (BandedMatmulParams; formulas in longformer/schemas.h).
 // qk: a = q, b = k -> band (every slot written, `fill` off the sequence). pv: band, b = v -> out.

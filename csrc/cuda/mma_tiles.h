@@ -85,6 +85,33 @@ __device__ __forceinline__ void stage_row_chunk(uint16_t* dst_row, const uint16_
   for (int e = 0; e < 8; ++e) dst[e] = 0;
 }
 
+// Starts the copies of a block's kBlockRows rows of operand `a` (and of `b` when given) into
+// shared memory rows as part of the current cp.async group. row_at(row, pos) says whether row
+// `row` is staged and sets its position; rows not staged are zero with flag 0. The flags go to
+// row_ok, the positions to row_pos when it is given.
+template <int DP, typename RowAt>
+__device__ __forceinline__ void stage_rows(int64_t batch, int64_t head, int64_t D, const RowMajorHeads& a,
+                                           uint16_t* sA, const RowMajorHeads* b, uint16_t* sB, bool vec,
+                                           unsigned char* row_ok, int64_t* row_pos, RowAt&& row_at) {
+  const uint16_t* a_base = static_cast<const uint16_t*>(a.data);
+  for (int c = static_cast<int>(threadIdx.x); c < kBlockRows * Rows<DP>::kChunks; c += kThreads) {
+    const int row = c / Rows<DP>::kChunks, chunk = c % Rows<DP>::kChunks;
+    int64_t pos = 0;
+    const bool ok = row_at(row, pos);
+    if (chunk == 0) {
+      row_ok[row] = ok;
+      if (row_pos != nullptr) row_pos[row] = pos;
+    }
+    stage_row_chunk(sA + row * Rows<DP>::kPitch, ok ? a_base + head_row_offset(a, batch, head, pos) : nullptr, chunk,
+                    D, vec, a_base);
+    if (b != nullptr) {
+      const uint16_t* b_base = static_cast<const uint16_t*>(b->data);
+      stage_row_chunk(sB + row * Rows<DP>::kPitch, ok ? b_base + head_row_offset(*b, batch, head, pos) : nullptr,
+                      chunk, D, vec, b_base);
+    }
+  }
+}
+
 // Decodes slot `slot` of a head with dilation d into (residue r, subsequence length L, tile).
 // Residues r < N % d have q + 1 = ceil((N - r) / d) rows and come first; the rest have q = N / d.
 // Slots past the last tile return false. Slots per (batch, head): ceil(N / 64) + d covers them all.
@@ -260,6 +287,25 @@ __device__ __forceinline__ ThreadRows thread_rows(int64_t s0, int64_t r, int64_t
   return rows;
 }
 
+// This thread's two rows of a tile of gathered rows (positions ascending, `rows` of them), whose
+// subsequence index is their position (dilation 1), and its warp's first and last row.
+__device__ __forceinline__ ThreadRows gathered_rows(const int64_t* positions, const unsigned char* row_flags,
+                                                    int rows) {
+  const int warp_row0 = (static_cast<int>(threadIdx.x) >> 5) * 16;
+  const int rr0 = warp_row0 + ((static_cast<int>(threadIdx.x) & 31) >> 2);
+  ThreadRows out;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out.s[i] = out.pos[i] = positions[rr0 + 8 * i];
+    out.ok[i] = row_flags[rr0 + 8 * i] != 0;
+  }
+  // A warp without rows has no computed row and skips every tile; its bounds are never used.
+  const int last = warp_row0 + 15 < rows - 1 ? warp_row0 + 15 : (rows > 0 ? rows - 1 : 0);
+  out.warp_first = positions[warp_row0];
+  out.warp_last = positions[last];
+  return out;
+}
+
 // The A fragments of a warp's 16 rows for every k-step, as a_frag for the products above: held in
 // registers (kInRegisters) or re-read from shared memory per use (when registers are short).
 template <int DP, bool kInRegisters>
@@ -389,10 +435,12 @@ struct OnlineSoftmaxRows {
 // wholly inside every row's band with only real keys (and full non-causal global tiles) skip
 // per-element masking.
 //
-// The backward's dK/dV kernel walks query tiles with the same machinery (kQueryRows): its "keys"
-// are the local queries that see a block of keys (window sides swapped), staged from q and
-// grad_out, each with its lse (in log2 units) and delta (values(stage, 0 / 1)), and a query whose
-// lse is -inf (it saw no key) counts as excluded.
+// The backward's dK/dV kernels walk query tiles with the same machinery (kQueryRows): their "keys"
+// are the queries that see a block of keys (band tiles: local queries, window sides swapped;
+// global tiles: global queries), staged from q and grad_out, each with its lse (in log2 units)
+// and delta (values(stage, 0 / 1)), and a query whose lse is -inf (it saw no key) counts as
+// excluded. The global rows' kernels use band tiles of the undilated sequence (residue 0,
+// dilation 1) over a key or query range given to setup_band, with gathered rows (gathered_rows).
 template <int DP, int kBlockK, bool kQueryRows = false>
 struct KeyTilePipeline {
   using R = Rows<DP>;
@@ -581,8 +629,10 @@ struct KeyTilePipeline {
           process(sK, sV, s, every_key);
         } else {
           const int64_t* lane_pos = key_pos(s) + 2 * t;
+          // Causal: a key is seen by the queries at or after it (tiles of queries: rows are keys).
           process(sK, sV, s, [&](int i, int c) {
-            return ((lane_keys >> c) & 1) != 0 && (!causal || lane_pos[c] <= row_pos[i]);
+            return ((lane_keys >> c) & 1) != 0 &&
+                   (!causal || (kQueryRows ? row_pos[i] <= lane_pos[c] : lane_pos[c] <= row_pos[i]));
           });
         }
       }

@@ -204,13 +204,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t bytes = std::max(banded_attention_backward_workspace_bytes(p, prep.dtype),
                                  global_attention_mask ? global_attention_backward_workspace_bytes(g, prep.dtype) : 0);
   at::Tensor scratch = workspace(bytes, q);
-  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype,
-                                       use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_BACKWARD"), glue_stream(q)),
+  const bool tensor_cores = use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_BACKWARD");
+  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, tensor_cores, glue_stream(q)),
              "banded_attn_backward");
   if (global_attention_mask) {
     // Without projections the global rows' dK, dV add to the local rows' (same tensors).
     glue_check(global_attention_backward(g, prep.globals, scratch.data_ptr(), prep.dtype,
-                                         /*accumulate=*/!projections, glue_stream(q)),
+                                         /*accumulate=*/!projections, tensor_cores, glue_stream(q)),
                "banded_attn_backward (global rows)");
   }
   return {dq, dk, dv, dgq, dgk, dgv};
