@@ -204,6 +204,12 @@ def test_thread_order_does_not_matter(order, monkeypatch):
     monkeypatch.setenv("LONGFORMER_EMULATION_SEED", "3")
     for case in small_cases(8, seed=SEED + 11):
         check_against_oracle(case, *make_inputs(case))
+    # The tensor-core kernels of the global rows and keys (forward and backward), causal and not.
+    for causal in (False, True):
+        case = Case(batch=2, heads=2, seqlen=150, dim=32, window=(7, 0) if causal else (7, 5), dilation=[1, 2],
+                    globals="many", padding=True, causal=causal, global_projections=causal, dtype=torch.bfloat16,
+                    seed=13 + causal)
+        check_against_oracle(case, *make_inputs(case))
 
 
 def _band_reference(q, k, left, right, dilation):
