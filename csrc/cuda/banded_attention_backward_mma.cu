@@ -51,7 +51,6 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams 
   using S = BwdTiles<DP, false>;
   constexpr int kPitch = Rows<DP>::kPitch;
   constexpr int kBlockK = S::kBlockK;
-  constexpr int kNT = kBlockK / 8;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
   const int64_t N = p.seqlen, D = p.head_dim;
@@ -86,19 +85,7 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams 
   float dq[DP / 8][4] = {};
 
   keys.run(rows, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
-    float s[kNT][4] = {}, dp[kNT][4] = {};
-    mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
-    mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, c = 8 * j + (e & 1);
-        const float pv = allowed(i, c) ? exp2f(s[j][e] * scale_log2 - lse_log2[i]) : 0.0f;
-        s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
-      }
-    }
-    mma_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
+    accumulate_dq_tile<T, DP, kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dq, p.grad_q, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
 }
@@ -108,8 +95,6 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
                                                                 int64_t slots, bool vec) {
   using S = BwdTiles<DP, true>;
   constexpr int kPitch = Rows<DP>::kPitch;
-  constexpr int kBlockK = S::kBlockK;
-  constexpr int kNT = kBlockK / 8;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
   const int64_t D = p.head_dim;
@@ -133,7 +118,6 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
   __syncthreads();
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int t = lane & 3;
   const ThreadRows rows = thread_rows(w.s0, w.r, w.d, key_ok);
   const int64_t(&row_pos)[2] = rows.pos;
   const bool(&row_ok)[2] = rows.ok;
@@ -143,24 +127,7 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
   queries.run(rows, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
-    float st[kNT][4] = {}, dpt[kNT][4] = {};
-    mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
-    mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
-    // This lane's query columns 2t + c: their lse (log2 units) and delta.
-    const float* lane_lse = queries.values(stage, 0) + 2 * t;
-    const float* lane_delta = queries.values(stage, 1) + 2 * t;
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, c = 8 * j + (e & 1);
-        const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
-        st[j][e] = pv;                                  // P^T
-        dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
-      }
-    }
-    mma_accumulate_rows<T, DP, kBlockK>(dv, st, sdO, lane);
-    mma_accumulate_rows<T, DP, kBlockK>(dk, dpt, sQ, lane);
+    accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dk, p.grad_k, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
   store_rows<T, DP>(dv, p.grad_v, w.b, w.h, row_pos, row_ok, D, 1.0f, false, lane);
@@ -177,7 +144,6 @@ __global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const Attentio
                                                                   int64_t max_chunks, bool vec) {
   using S = BwdTiles<DP, true>;
   constexpr int kPitch = Rows<DP>::kPitch;
-  constexpr int kNT = S::kBlockK / 8;
   const int64_t N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
@@ -227,23 +193,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const Attentio
     const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
     float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
     queries.run(mine, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
-      float st[kNT][4] = {}, dpt[kNT][4] = {};
-      mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
-      mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
-      const float* lane_lse = queries.values(stage, 0) + 2 * t;
-      const float* lane_delta = queries.values(stage, 1) + 2 * t;
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, c = 8 * j + (e & 1);
-          const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
-          st[j][e] = pv;                                  // P^T
-          dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
-        }
-      }
-      mma_accumulate_rows<T, DP, S::kBlockK>(dv, st, sdO, lane);
-      mma_accumulate_rows<T, DP, S::kBlockK>(dk, dpt, sQ, lane);
+      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
     });
 
     // The chunk's partial of each key of the tile: dK (times scale), then dV; zeros for a key that

@@ -31,7 +31,6 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams
                                                            float* partials, bool vec) {
   using S = BwdTiles<DP, false>;
   constexpr int kPitch = Rows<DP>::kPitch;
-  constexpr int kNT = S::kBlockK / 8;
   const int64_t N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
@@ -74,19 +73,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams
     const OperandFragments<DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
     float dq[DP / 8][4] = {};
     keys.run(rows, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
-      float s[kNT][4] = {}, dp[kNT][4] = {};
-      mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
-      mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, c = 8 * j + (e & 1);
-          const float pv = allowed(i, c) ? exp2f(s[j][e] * scale_log2 - lse_log2[i]) : 0.0f;
-          s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
-        }
-      }
-      mma_accumulate_rows<T, DP, S::kBlockK>(dq, s, sK, lane);
+      accumulate_dq_tile<T, DP, S::kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
     });
 
     if (it.chunks == 1) {
@@ -115,7 +102,6 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
                                                              const float* delta, bool accumulate, bool vec) {
   using S = BwdTiles<DP, true>;
   constexpr int kPitch = Rows<DP>::kPitch;
-  constexpr int kNT = S::kBlockK / 8;
   const int64_t N = p.seqlen, D = p.head_dim;
   const int64_t tiles = ceil_div(N, kBlockRows);
   const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
@@ -146,7 +132,6 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
   __syncthreads();
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-  const int t = lane & 3;
   const ThreadRows rows = thread_rows(s0, 0, 1, key_ok);
   const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
   const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
@@ -154,24 +139,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
   queries.run(rows, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
-    float st[kNT][4] = {}, dpt[kNT][4] = {};
-    mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
-    mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
-    // This lane's query columns 2t + c: their lse (log2 units) and delta.
-    const float* lane_lse = queries.values(stage, 0) + 2 * t;
-    const float* lane_delta = queries.values(stage, 1) + 2 * t;
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, c = 8 * j + (e & 1);
-        const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
-        st[j][e] = pv;                                  // P^T
-        dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
-      }
-    }
-    mma_accumulate_rows<T, DP, S::kBlockK>(dv, st, sdO, lane);
-    mma_accumulate_rows<T, DP, S::kBlockK>(dk, dpt, sQ, lane);
+    accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dk, p.grad_k, b, h, rows.pos, rows.ok, D, static_cast<float>(p.scale), accumulate, lane);
   store_rows<T, DP>(dv, p.grad_v, b, h, rows.pos, rows.ok, D, 1.0f, accumulate, lane);

@@ -31,6 +31,59 @@ struct BwdTiles {
   static constexpr int64_t kSmemBytes = kRowOkOffset + kBlockRows;
 };
 
+// One key tile of a dQ kernel (a warp's 16 query rows, fragments qf of Q and dof of dO): S = Q K^T,
+// dP = dO V^T, P = exp2(S scale log2e - lse log2e) where allowed (else 0: never 0 * x),
+// dS = P (dP - delta), dQ += dS K. lse_log2 / row_delta are this thread's two rows'.
+template <typename T, int DP, int kBlockK, typename Fragments, typename Allowed>
+__device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const Fragments& qf, const Fragments& dof,
+                                                   const uint16_t* sK, const uint16_t* sV,
+                                                   const float (&lse_log2)[2], const float (&row_delta)[2],
+                                                   float scale_log2, Allowed&& allowed, int lane) {
+  constexpr int kNT = kBlockK / 8;
+  float s[kNT][4] = {}, dp[kNT][4] = {};
+  mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
+  mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e >> 1, c = 8 * j + (e & 1);
+      const float pv = allowed(i, c) ? exp2f(s[j][e] * scale_log2 - lse_log2[i]) : 0.0f;
+      s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
+    }
+  }
+  mma_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
+}
+
+// One query tile of a dK/dV kernel (a warp's 16 key rows, fragments kf of K and vf of V; the tile's
+// queries staged from q and grad_out with their lse and delta in `tiles`' stage): S^T = K Q^T,
+// dP^T = V dO^T, P^T and dS^T as in accumulate_dq_tile, dV += P^T dO, dK += dS^T Q.
+template <typename T, int DP, typename Tiles, typename Fragments, typename Allowed>
+__device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], float (&dv)[DP / 8][4],
+                                                     const Fragments& kf, const Fragments& vf, const Tiles& tiles,
+                                                     const uint16_t* sQ, const uint16_t* sdO, int stage,
+                                                     float scale_log2, Allowed&& allowed, int lane) {
+  constexpr int kNT = Tiles::kTileRows / 8;
+  float st[kNT][4] = {}, dpt[kNT][4] = {};
+  mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
+  mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
+  // This lane's query columns 2t + c: their lse (log2 units) and delta.
+  const float* lane_lse = tiles.values(stage, 0) + 2 * (lane & 3);
+  const float* lane_delta = tiles.values(stage, 1) + 2 * (lane & 3);
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e >> 1, c = 8 * j + (e & 1);
+      const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
+      st[j][e] = pv;                                  // P^T
+      dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
+    }
+  }
+  mma_accumulate_rows<T, DP, Tiles::kTileRows>(dv, st, sdO, lane);
+  mma_accumulate_rows<T, DP, Tiles::kTileRows>(dk, dpt, sQ, lane);
+}
+
 // Writes this thread's part of a 16 x DP accumulator tile (rows g and g + 8 of its warp) to the
 // `dst` rows of (b, h) at row_pos, times `scale`, for the rows with row_ok; with `accumulate` added
 // to what those rows hold (in fp32, one rounding).

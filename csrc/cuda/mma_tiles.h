@@ -444,6 +444,7 @@ struct OnlineSoftmaxRows {
 template <int DP, int kBlockK, bool kQueryRows = false>
 struct KeyTilePipeline {
   using R = Rows<DP>;
+  static constexpr int kTileRows = kBlockK;
   static constexpr int kStages = 2;
   static constexpr int64_t kKVBytes = R::bytes(kBlockK);
   // Layout: K stages | V stages | key positions (int64) per stage | key flags per stage.
