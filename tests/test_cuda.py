@@ -75,14 +75,37 @@ def test_cuda_matches_oracle(case):
 @pytest.mark.parametrize("backward", ["simt", "mma"])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_cuda_both_half_backward_paths(backward, dim, monkeypatch):
-    """The tensor-core backward of the local rows (the default) and the SIMT one it replaced."""
+    """The tensor-core backward (local rows, global keys, global rows; the default) and the SIMT one
+    it replaced."""
     monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
     _check_against_oracle(Case(batch=2, heads=2, seqlen=1537, dim=dim, window=(200, 70), dilation=[1, 3],
                                globals="many", padding=True, causal=dim == 128, dtype=torch.bfloat16, seed=77))
 
 
-def _check_against_oracle(case):
+@pytest.mark.parametrize("path", ["simt", "mma"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_global_rows_in_chunks(path, causal, monkeypatch):
+    """Global rows whose keys are split over blocks: 3, 20, 45 and 100 global tokens per batch row
+    (5, 4, 1 and 1 chunks at N = 1100; 100 rows are two row tiles), padding under some of them,
+    global projections; forward and backward on tensor cores (mma) or SIMT."""
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", path)
+    b, n = 4, 1100
+    case = Case(batch=b, heads=2, seqlen=n, dim=64, window=(4, 0) if causal else 4, causal=causal, globals="many",
+                global_projections=True, dtype=torch.bfloat16, seed=81 + causal)
     tensors, kwargs = _inputs(case)
+    gen = torch.Generator().manual_seed(case.seed)
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    for row, count in enumerate([3, 20, 45, 100]):
+        glob[row, torch.randperm(n, generator=gen)[:count]] = True
+    attention_mask = torch.ones(b, n, dtype=torch.int64)
+    attention_mask[1, 800:] = 0
+    kwargs.update(attention_mask=attention_mask.cuda(), global_attention_mask=glob.cuda())
+    _check_against_oracle(case, (tensors, kwargs))
+
+
+def _check_against_oracle(case, inputs=None):
+    tensors, kwargs = inputs if inputs is not None else _inputs(case)
     out, grads, grad = _run(case, tensors, kwargs)
     assert out.is_cuda and out.shape == tensors[0].shape and torch.isfinite(out).all()
     cpu, cpu_kwargs = _replace(tensors, kwargs, lambda t: t.detach().cpu().double().requires_grad_())
