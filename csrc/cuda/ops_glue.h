@@ -129,19 +129,6 @@ at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
   return at::empty({std::max<int64_t>(bytes, 1)}, like.options().dtype(at::kByte));
 }
 
-// The parameters of the global rows: those of the local rows with the global projections, if given.
-AttentionParams global_rows_params(const AttentionParams& local, const std::optional<at::Tensor>& global_q,
-                                   const std::optional<at::Tensor>& global_k,
-                                   const std::optional<at::Tensor>& global_v) {
-  AttentionParams p = local;
-  if (global_q) {
-    p.q = heads_view(*global_q);
-    p.k = heads_view(*global_k);
-    p.v = heads_view(*global_v);
-  }
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                int64_t window_left, int64_t window_right, at::IntArrayRef dilation,
                                                const std::optional<at::Tensor>& attention_mask,

@@ -119,4 +119,17 @@ inline RowMajorHeads heads_view(const at::Tensor& t) {
   return RowMajorHeads{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The parameters of the global rows: those of the local rows with the global projections, if given.
+inline AttentionParams global_rows_params(const AttentionParams& local, const std::optional<at::Tensor>& global_q,
+                                          const std::optional<at::Tensor>& global_k,
+                                          const std::optional<at::Tensor>& global_v) {
+  AttentionParams p = local;
+  if (global_q) {
+    p.q = heads_view(*global_q);
+    p.k = heads_view(*global_k);
+    p.v = heads_view(*global_v);
+  }
+  return p;
+}
+
 }  // namespace longformer
