@@ -153,9 +153,8 @@ __global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const Attentio
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const int t = lane & 3;
   const float scale = static_cast<float>(p.scale), scale_log2 = scale * kLog2e;
-  int64_t most = 0;  // largest global count: key tiles past it are idle everywhere
-  for (int64_t b = 0; b < p.batch; ++b) most = max_i64(most, gk.count[b]);
-  const int64_t key_tiles = ceil_div(most, kBlockRows);
+  static_assert(kRowTile == kBlockRows, "a tile of global keys is one block of rows");
+  const int64_t key_tiles = global_row_tiles(p, gk);
 
   for (int64_t item = blockIdx.x;; item += gridDim.x) {  // block-uniform loop
     const int64_t chunk = item % max_chunks, rest = item / max_chunks;
