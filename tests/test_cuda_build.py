@@ -1,7 +1,8 @@
 """What the compiler made of the CUDA kernels, read from the built library with cuobjdump (no GPU
 needed): machine code for every configured architecture; no local memory (spills or stack arrays) in
 any instantiation of any kernel; register counts within the budgets below; tensor-core instructions
-(HMMA) in the float16/bfloat16 forward, fed by cp.async (LDGSTS) copies.
+(HMMA) in the float16/bfloat16 tiled kernels, fed by cp.async (LDGSTS) copies; and exact fp32 FMA
+(no HMMA) in their float32 instantiations.
 
 Runs on a CUDA build (`bash scripts/dev cuda-build`); skipped on a CPU-only build unless
 LONGFORMER_REQUIRE_CUDA_BUILD=1, which CI sets for its CUDA build.
@@ -122,6 +123,27 @@ MMA_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_
                         "global_dq_mma_kernel", "global_dkdv_mma_kernel")
 # The tensor-core backward reduces nothing across lanes (its row statistics come with the rows).
 MMA_BACKWARD_SHUFFLES = 0
+# The float32 instantiations of the tiled kernels (exact fp32 on FMA, fma_tiles.h): 160-168
+# registers everywhere today (nvcc 13.0, sm_80 and sm_90); 168 is the most that leaves 3 blocks
+# (12 warps) per SM, so the budget is that.
+FLOAT_TILE_REGISTERS = {
+    "banded_attention_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
+    "global_rows_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
+    "local_dq_mma_kernel": {32: 168, 64: 168},
+    "local_dkdv_mma_kernel": {32: 168, 64: 168},
+    "global_keys_dkdv_mma_kernel": {32: 168, 64: 168},
+    "global_dq_mma_kernel": {32: 168, 64: 168},
+    "global_dkdv_mma_kernel": {32: 168, 64: 168},
+}
+# Their SHFL instructions (static count in the SASS): the quads' exchange of P in P V (4 per loop
+# iteration, more where the compiler unrolls a loop over P's n-tiles) and the softmax's quad
+# reductions. Today 54-240 in the forward and 32-76 in the backward; a design with a shuffle
+# reduction per (query, key) pair has thousands.
+FLOAT_TILE_SHUFFLES = {
+    "banded_attention_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
+    "global_rows_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
+    **{kernel: {32: 96, 64: 96} for kernel in MMA_BACKWARD_KERNELS},
+}
 SIMT_REGISTERS = 128
 SIMT_FLOAT64_REGISTERS = 240
 
@@ -138,9 +160,10 @@ def test_no_local_memory_in_any_kernel():
 
 def test_registers_within_budget():
     for (arch, name), (registers, _, _) in _resources().items():
-        match = re.search(r"(\w+_mma_kernel)<\w+, (\d+)>", name)
+        match = re.search(r"(\w+_mma_kernel)<(\w+), (\d+)>", name)
         if match:
-            budget = MMA_REGISTERS[match.group(1)][int(match.group(2))]
+            budgets = FLOAT_TILE_REGISTERS if match.group(2) == "float" else MMA_REGISTERS
+            budget = budgets[match.group(1)][int(match.group(3))]
         else:
             budget = SIMT_FLOAT64_REGISTERS if "<double" in name else SIMT_REGISTERS
         assert registers <= budget, f"{name} on {arch}: {registers} registers, budget {budget}"
@@ -150,12 +173,13 @@ def test_registers_within_budget():
 MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forward_mma_kernel")
 
 
-def test_half_forward_pipelines_its_tiles_with_cp_async():
+def test_tiled_forward_pipelines_its_tiles_with_cp_async():
     sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
     for arch in ARCHS:
         for kernel in MMA_FORWARD_KERNELS:
             kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
-            assert len(kernels) == 8, f"expected 2 dtypes x 4 head-dim tiles on {arch}, found {sorted(kernels)}"
+            assert len(kernels) == 11, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float x 3 on {arch}, "
+                                        f"found {sorted(kernels)}")
             for name, text in kernels.items():
                 # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -178,10 +202,29 @@ def test_half_backward_uses_tensor_cores_and_no_shuffles():
     sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
     for arch in ARCHS:
         for kernel in MMA_BACKWARD_KERNELS:
-            found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
+            found = {name: text for (a, name), text in sass.items()
+                     if a == arch and re.search(kernel + r"<(__half|__nv_bfloat16),", name)}
             assert len(found) == 6, f"expected 2 dtypes x 3 head-dim tiles of {kernel} on {arch}, found {sorted(found)}"
             for name, text in found.items():
                 assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
                 shuffles = len(re.findall(r"\bSHFL\.", text))
                 assert shuffles <= MMA_BACKWARD_SHUFFLES, f"{name} on {arch}: {shuffles} SHFL instructions"
+
+
+def test_float_tiles_are_exact_fp32_fma():
+    """The float32 instantiations of the tiled kernels multiply on FMA (exact fp32: no HMMA, which
+    TF32 would be), take their tiles through cp.async, and shuffle only to exchange P in P V."""
+    sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
+    for arch in ARCHS:
+        for kernel, tiles in FLOAT_TILE_REGISTERS.items():
+            found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<float," in name}
+            assert len(found) == len(tiles), f"expected {len(tiles)} float head-dim tiles of {kernel} on {arch}"
+            for name, text in found.items():
+                assert "HMMA" not in text, f"{name} on {arch} uses tensor cores"
+                assert "FFMA" in text, f"{name} on {arch} has no FFMA instruction"
+                assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
+                assert re.search(r"LDS\.128", text), f"{name} on {arch} has no 16-byte shared load"
+                shuffles = len(re.findall(r"\bSHFL\.", text))
+                budget = FLOAT_TILE_SHUFFLES[kernel][int(re.search(r"<float, (\d+)>", name).group(1))]
+                assert shuffles <= budget, f"{name} on {arch}: {shuffles} SHFL instructions, budget {budget}"

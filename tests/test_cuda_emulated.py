@@ -101,10 +101,14 @@ def test_emulated_kernels_match_oracle(case):
     check_against_oracle(case, *make_inputs(case))
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+TILED_TYPES = (*HALF_TYPES, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", TILED_TYPES)
 @pytest.mark.parametrize("forward", ["simt", "mma"])
-def test_both_half_forward_paths(dtype, forward, monkeypatch):
-    """The tensor-core and the SIMT forward of float16/bfloat16 each meet the bound, in every mode."""
+def test_both_forward_paths(dtype, forward, monkeypatch):
+    """The tiled forward (tensor cores for float16/bfloat16, FMA tiles for float32) and the SIMT one
+    each meet the bound, in every mode."""
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", forward)
     rng = random.Random(7)
     for i in range(6):
@@ -113,7 +117,7 @@ def test_both_half_forward_paths(dtype, forward, monkeypatch):
         check_against_oracle(case, *make_inputs(case))
 
 
-# The tensor-core forward's key-tile paths (banded_attention_forward_mma.cu): band tiles wholly
+# The tiled forward's key-tile paths (banded_attention_forward_mma.cu): band tiles wholly
 # inside every row's band with only real local keys (no per-element mask), partial band tiles,
 # more global keys than one tile holds (a full global tile and a partial one), causal global tiles.
 MMA_TILE_CASES = [
@@ -122,7 +126,7 @@ MMA_TILE_CASES = [
     (Case(batch=1, heads=2, seqlen=400, dim=32, window=(150, 90), dilation=[1, 2], seed=62), 70, None),
     (Case(batch=2, heads=1, seqlen=330, dim=64, window=(200, 0), causal=True, seed=63), 70, 250),
     (Case(batch=1, heads=1, seqlen=300, dim=128, window=130, global_projections=True, seed=64), 3, None),
-    # head dims 129-256 (the 256 tile, 16-key tiles; its backward runs on the SIMT kernels)
+    # head dims 129-256 (16-bit types: the 256 tile, 16-key tiles; float32 and the backward: SIMT)
     (Case(batch=1, heads=1, seqlen=150, dim=200, window=(40, 20), dilation=2, seed=66), 20, None),
 ]
 
@@ -144,7 +148,7 @@ def _mma_tile_inputs(case, leading_globals, padded_from):
     return q, k, v, kwargs
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", TILED_TYPES)
 @pytest.mark.parametrize("index", range(len(MMA_TILE_CASES)))
 def test_mma_forward_key_tile_paths(index, dtype, monkeypatch):
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", "mma")
@@ -160,9 +164,8 @@ def test_mma_forward_key_tile_paths(index, dtype, monkeypatch):
 def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatch):
     """Padding tokens are neither queries nor keys: NaN or inf in their q, k, v (and global
     projections) leaves every output and gradient exactly as with finite padding."""
-    if forward == "mma" and dtype == torch.float32:
-        pytest.skip("the tensor-core forward takes float16/bfloat16")
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", forward)
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", forward)
     case = Case(batch=2, heads=2, seqlen=150, dim=32, window=(40, 70), dilation=[1, 2], global_projections=True,
                 dtype=dtype, seed=65)
     q, k, v, kwargs = _mma_tile_inputs(case, 5, 90)
@@ -183,11 +186,11 @@ def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatc
         assert torch.equal(clean, poisoned)
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", TILED_TYPES)
 @pytest.mark.parametrize("backward", ["simt", "mma"])
-def test_both_half_backward_paths(dtype, backward, monkeypatch):
-    """The tensor-core backward of the local rows (D <= 128: tiles 32, 64, 128) and the SIMT one
-    each meet the bound."""
+def test_both_backward_paths(dtype, backward, monkeypatch):
+    """The tiled backward of the local rows (tensor cores for float16/bfloat16 with D <= 128: tiles
+    32, 64, 128; FMA tiles for float32 with D <= 64) and the SIMT one each meet the bound."""
     monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
     rng = random.Random(8)
     for i, dim in enumerate([32, 64, 128, 40, 100, 13]):
@@ -204,10 +207,11 @@ def test_thread_order_does_not_matter(order, monkeypatch):
     monkeypatch.setenv("LONGFORMER_EMULATION_SEED", "3")
     for case in small_cases(8, seed=SEED + 11):
         check_against_oracle(case, *make_inputs(case))
-    # The tensor-core kernels of the global rows and keys (forward and backward), causal and not.
-    for causal in (False, True):
+    # The tiled kernels of the global rows and keys (forward and backward), causal and not, on
+    # tensor cores (bfloat16) and on FMA tiles (float32).
+    for causal, dtype in [(False, torch.bfloat16), (True, torch.bfloat16), (True, torch.float32)]:
         case = Case(batch=2, heads=2, seqlen=150, dim=32, window=(7, 0) if causal else (7, 5), dilation=[1, 2],
-                    globals="many", padding=True, causal=causal, global_projections=causal, dtype=torch.bfloat16,
+                    globals="many", padding=True, causal=causal, global_projections=causal, dtype=dtype,
                     seed=13 + causal)
         check_against_oracle(case, *make_inputs(case))
 

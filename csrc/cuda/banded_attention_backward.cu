@@ -236,10 +236,10 @@ int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 }
 
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool tensor_cores, void* stream) {
+                              bool tiled, void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
-  const bool mma = tensor_cores && banded_attention_backward_mma_supports(p, dtype);
+  const bool mma = tiled && banded_attention_backward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -252,7 +252,7 @@ int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, voi
       auto combine = &global_key_combine_kernel<T>;
       int err = LONGFORMER_LAUNCH(delta, row_grid, row_block, 0, stream, p, workspace);
       if (err != 0) return err;
-      if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+      if constexpr (!std::is_same_v<T, double>) {
         err = mma ? banded_attention_backward_mma_local(p, g, delta_of<float>(workspace), dtype, stream)
                   : LONGFORMER_LAUNCH(local, row_grid, row_block, 0, stream, p, g, workspace);
       } else {

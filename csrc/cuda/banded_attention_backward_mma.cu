@@ -1,7 +1,8 @@
-// Backward of the local rows on tensor cores (fp16 / bf16 in, fp32 accumulation), head dims up to
-// 128: the two parts of banded_attention_backward.cu's local_rows_kernel, each with one owner per
-// output tile (deterministic, no atomics). With p_ij = exp(scale * q_i . k_j - lse_i),
-// dP_ij = dO_i . v_j and delta_i = dO_i . O_i (the workspace's delta, from delta_kernel):
+// Tiled backward of the local rows (fp16 / bf16 on tensor cores, head dims up to 128; fp32 on FMA
+// tiles, head dims up to 64; fp32 accumulation; mma_tiles.h): the two parts of
+// banded_attention_backward.cu's local_rows_kernel, each with one owner per output tile
+// (deterministic, no atomics). With p_ij = exp(scale * q_i . k_j - lse_i), dP_ij = dO_i . v_j and
+// delta_i = dO_i . O_i (the workspace's delta, from delta_kernel):
 //   dQ_i = scale * sum_j p_ij (dP_ij - delta_i) k_j   over the band keys and global keys of local row i
 //   dK_j = scale * sum_i p_ij (dP_ij - delta_i) q_i   over the local rows i whose band holds local key j
 //   dV_j =         sum_i p_ij dO_i
@@ -12,7 +13,7 @@
 // rows through mma_tiles::KeyTilePipeline (cp.async, two stages):
 // * local_dq_mma_kernel: 64 query rows; the tiles are their band keys then the global keys, as in
 //   the forward. Per tile S = Q K^T and dP = dO V^T (mma), P = exp2(S scale log2e - lse log2e),
-//   dS = P (dP - delta), dQ += dS K (mma, dS rounded to 16 bits as the A fragment).
+//   dS = P (dP - delta), dQ += dS K (16-bit tiles: dS rounded to 16 bits as the A fragment).
 // * local_dkdv_mma_kernel: 64 key rows; the tiles are the local queries that see them (query
 //   subsequence indices [s - right, s + left], the window's sides swapped), staged from q and grad_out
 //   with their lse and delta. Per tile S^T = K Q^T and dP^T = V dO^T, P^T and dS^T as above,
@@ -32,13 +33,13 @@ using namespace mma_tiles;
 
 // Stages the block's rows of operands a and b (local rows, and for queries only those with a
 // finite lse; others zero with flag 0) as one cp.async group.
-template <int DP>
+template <typename T, int DP>
 __device__ __forceinline__ void stage_block_rows(const AttentionParams& p, const BlockRows& w,
                                                  const RowMajorHeads& a, const RowMajorHeads& b, bool need_lse,
-                                                 bool vec, uint16_t* sA, uint16_t* sB, unsigned char* row_ok) {
+                                                 bool vec, TileElem<T>* sA, TileElem<T>* sB, unsigned char* row_ok) {
   const uint8_t* roles = p.roles + w.b * p.seqlen;
   const float* lse = static_cast<const float*>(p.lse) + (w.b * p.heads + w.h) * p.seqlen;
-  stage_rows<DP>(w.b, w.h, p.head_dim, a, sA, &b, sB, vec, row_ok, nullptr, [&](int row, int64_t& pos) {
+  stage_rows<T, DP>(w.b, w.h, p.head_dim, a, sA, &b, sB, vec, row_ok, nullptr, [&](int row, int64_t& pos) {
     pos = w.r + (w.s0 + row) * w.d;
     return row < w.rows && roles[pos] == kLocal && (!need_lse || lse[pos] != -INFINITY);
   });
@@ -46,24 +47,24 @@ __device__ __forceinline__ void stage_block_rows(const AttentionParams& p, const
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T) local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                               const float* delta, int64_t slots, bool vec) {
-  using S = BwdTiles<DP, false>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using S = BwdTiles<T, DP, false>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   constexpr int kBlockK = S::kBlockK;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
   const int64_t N = p.seqlen, D = p.head_dim;
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
-  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  TileElem<T>* sQ = reinterpret_cast<TileElem<T>*>(smem + S::kAOffset);
+  TileElem<T>* sdO = reinterpret_cast<TileElem<T>*>(smem + S::kBOffset);
   unsigned char* query_ok = smem + S::kRowOkOffset;
   typename S::Tiles keys;
   keys.setup(p, p.k, p.v, w.b, w.h, w.r, w.d, w.L, w.s0, w.rows, p.window_left, p.causal ? 0 : p.window_right,
              gk.index + w.b * N, gk.count[w.b], vec, smem);
 
-  stage_block_rows<DP>(p, w, p.q, p.grad_out, true, vec, sQ, sdO, query_ok);
+  stage_block_rows<T, DP>(p, w, p.q, p.grad_out, true, vec, sQ, sdO, query_ok);
   keys.issue(0);
   cp_async_wait<1>();  // the block's rows landed (key tile 0 may still be in flight)
   __syncthreads();
@@ -79,29 +80,29 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dq_mma_kernel(const AttentionParams 
     lse_log2[i] = row_ok[i] ? static_cast<const float*>(p.lse)[lse_row + row_pos[i]] * kLog2e : 0.0f;
     row_delta[i] = row_ok[i] ? delta[lse_row + row_pos[i]] : 0.0f;
   }
-  const OperandFragments<DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
-  const OperandFragments<DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dq[DP / 8][4] = {};
 
-  keys.run(rows, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+  keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
     accumulate_dq_tile<T, DP, kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dq, p.grad_q, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
+__global__ void LONGFORMER_MMA_BOUNDS(T) local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
                                                                 int64_t slots, bool vec) {
-  using S = BwdTiles<DP, true>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using S = BwdTiles<T, DP, true>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
   const int64_t D = p.head_dim;
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  TileElem<T>* sK = reinterpret_cast<TileElem<T>*>(smem + S::kAOffset);
+  TileElem<T>* sV = reinterpret_cast<TileElem<T>*>(smem + S::kBOffset);
   unsigned char* key_ok = smem + S::kRowOkOffset;
   // The tiles are the local queries whose band holds these keys: key s is in query i's band iff
   // i - left <= s <= i + right, i.e. i in [s - right, s + left]: the pipeline's window with its sides
@@ -112,7 +113,7 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
   queries.lse = static_cast<const float*>(p.lse);
   queries.delta = delta;
 
-  stage_block_rows<DP>(p, w, p.k, p.v, false, vec, sK, sV, key_ok);
+  stage_block_rows<T, DP>(p, w, p.k, p.v, false, vec, sK, sV, key_ok);
   queries.issue(0);
   cp_async_wait<1>();
   __syncthreads();
@@ -121,12 +122,12 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
   const ThreadRows rows = thread_rows(w.s0, w.r, w.d, key_ok);
   const int64_t(&row_pos)[2] = rows.pos;
   const bool(&row_ok)[2] = rows.ok;
-  const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
-  const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  queries.run(rows, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
+  queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
     accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dk, p.grad_k, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
@@ -139,15 +140,15 @@ __global__ void LONGFORMER_MMA_BOUNDS local_dkdv_mma_kernel(const AttentionParam
 // those at or after the key when causal), and writes the chunk's partials for the SIMT combine
 // kernel of banded_attention_backward.cu. Items are ordered tile-major over a capped grid.
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T) global_keys_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                   const float* delta, float* partials,
                                                                   int64_t max_chunks, bool vec) {
-  using S = BwdTiles<DP, true>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using S = BwdTiles<T, DP, true>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  TileElem<T>* sK = reinterpret_cast<TileElem<T>*>(smem + S::kAOffset);
+  TileElem<T>* sV = reinterpret_cast<TileElem<T>*>(smem + S::kBOffset);
   int64_t* key_pos = reinterpret_cast<int64_t*>(smem + S::kRowPosOffset);
   unsigned char* key_ok = smem + S::kRowOkOffset;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
@@ -173,7 +174,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const Attentio
                        N, nullptr, 0, vec, smem);
     queries.lse = static_cast<const float*>(p.lse);
     queries.delta = delta;
-    stage_rows<DP>(b, h, D, p.k, sK, &p.v, sV, vec, key_ok, key_pos, [&](int row, int64_t& pos) {
+    stage_rows<T, DP>(b, h, D, p.k, sK, &p.v, sV, vec, key_ok, key_pos, [&](int row, int64_t& pos) {
       pos = row < rows ? index[g0 + row] : 0;
       return row < rows && roles[pos] == kGlobal;
     });
@@ -188,10 +189,10 @@ __global__ void LONGFORMER_MMA_BOUNDS global_keys_dkdv_mma_kernel(const Attentio
     const int64_t part_step = 8 * chunks * 2 * D;  // slot0 + 8
     const bool write0 = slot0 < rows, write1 = slot0 + 8 < rows;
     const ThreadRows mine = gathered_rows(key_pos, key_ok, rows);
-    const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
-    const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
+    const OperandFragments<T, DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
+    const OperandFragments<T, DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
     float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-    queries.run(mine, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
+    queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
       accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
     });
 
@@ -222,10 +223,10 @@ int launch_local_backward_mma(const AttentionParams& p, const GlobalKeys& g, con
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
-  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 4);
+  const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
   auto dq = local_dq_mma_kernel<T, DP>;
   auto dkdv = local_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kDqBytes = BwdTiles<DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<DP, true>::kSmemBytes;
+  constexpr int64_t kDqBytes = BwdTiles<T, DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<T, DP, true>::kSmemBytes;
   if (const int err = allow_shared_bytes(dq, kDqBytes)) return err;
   if (const int err = allow_shared_bytes(dkdv, kDkdvBytes)) return err;
   if (const int err = LONGFORMER_LAUNCH(dq, grid, dim3(kThreads, 1, 1), static_cast<int>(kDqBytes), stream, p, g,
@@ -240,9 +241,9 @@ int launch_global_keys_mma(const AttentionParams& p, const GlobalKeys& g, void* 
   const int64_t max_chunks = max_i64(ceil_div(p.seqlen, kChunkRows), 1);
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * max_chunks;
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
-  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 4);
+  const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
   auto kernel = global_keys_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kBytes = BwdTiles<DP, true>::kSmemBytes;
+  constexpr int64_t kBytes = BwdTiles<T, DP, true>::kSmemBytes;
   if (const int err = allow_shared_bytes(kernel, kBytes)) return err;
   // A prime number of blocks, fewer than items where there are many: see global_split.h.
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
@@ -254,7 +255,9 @@ template <typename T>
 int dispatch_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
   if (p.head_dim <= 32) return launch_global_keys_mma<T, 32>(p, g, workspace, stream);
   if (p.head_dim <= 64) return launch_global_keys_mma<T, 64>(p, g, workspace, stream);
-  if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
+  if constexpr (!kFloatTiles<T>) {
+    if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
+  }
   return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
@@ -262,13 +265,16 @@ template <typename T>
 int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
   if (p.head_dim <= 32) return launch_local_backward_mma<T, 32>(p, g, delta, stream);
   if (p.head_dim <= 64) return launch_local_backward_mma<T, 64>(p, g, delta, stream);
-  if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
+  if constexpr (!kFloatTiles<T>) {
+    if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
+  }
   return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (dtype == DType::kFloat32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
@@ -279,8 +285,10 @@ int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKe
       return dispatch_head_dim<__half>(p, g, delta, stream);
     case DType::kBFloat16:
       return dispatch_head_dim<__nv_bfloat16>(p, g, delta, stream);
+    case DType::kFloat32:
+      return dispatch_head_dim<float>(p, g, delta, stream);
     default:
-      return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }
 }
 
@@ -291,8 +299,10 @@ int banded_attention_backward_mma_global_keys(const AttentionParams& p, const Gl
       return dispatch_global_keys<__half>(p, g, workspace, stream);
     case DType::kBFloat16:
       return dispatch_global_keys<__nv_bfloat16>(p, g, workspace, stream);
+    case DType::kFloat32:
+      return dispatch_global_keys<float>(p, g, workspace, stream);
     default:
-      return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }
 }
 

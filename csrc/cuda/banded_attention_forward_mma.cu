@@ -1,8 +1,9 @@
-// Fused banded attention forward on tensor cores (fp16 / bf16 in, fp32 softmax and accumulation):
-// the rows of LOCAL queries (docs/design.md §2). A local query i of head h attends to its band keys
-// j = i + t * dilation[h], t in [-left, right], 0 <= j < N, that are real and local, plus every real
-// global key once; with causal no key j > i. Global and padding rows are left as the glue
-// initialised them (out 0, lse -inf), and so is a row that ends up with no key.
+// Fused banded attention forward, tiled (fp16 / bf16 on tensor cores, fp32 on FMA tiles in the same
+// fragment layout: mma_tiles.h; fp32 softmax and accumulation): the rows of LOCAL queries
+// (docs/design.md §2). A local query i of head h attends to its band keys j = i + t * dilation[h],
+// t in [-left, right], 0 <= j < N, that are real and local, plus every real global key once; with
+// causal no key j > i. Global and padding rows are left as the glue initialised them (out 0, lse
+// -inf), and so is a row that ends up with no key.
 //
 // A block takes 64 rows of one dilation residue (mma_tiles.h: block decomposition), and walks its
 // key tiles through mma_tiles::KeyTilePipeline: band keys, subsequence indices [s0 - left,
@@ -10,7 +11,8 @@
 // while the current one is computed. Per key tile a warp computes S = Q K^T with mma.sync m16n8k16
 // (K and V fragments through ldmatrix, V with .trans), masks it (-inf, never NaN), updates a
 // per-row online softmax (running max and sum in fp32, rows spread over lane quads), and
-// accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment.
+// accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment (float
+// tiles: the same steps on FMA, fma_tiles.h, P kept in fp32).
 //
 // Head dims 32, 64, 128 are compile-time tiles; any other D <= 256 runs in the next tile (32, 64,
 // 128, 256) with the missing columns zero in shared memory, so they add nothing to Q K^T and their
@@ -25,24 +27,24 @@ namespace {
 using namespace mma_tiles;
 
 // Compile-time shape of one instantiation; DP is the padded head dim.
-template <int DP>
+template <typename T, int DP>
 struct FwdTiles {
-  static constexpr int kBlockK = ForwardShape<DP>::kBlockK;
-  static constexpr bool kQInRegisters = ForwardShape<DP>::kQInRegisters;
-  using Keys = KeyTilePipeline<DP, kBlockK>;
+  static constexpr int kBlockK = ForwardShape<T, DP>::kBlockK;
+  static constexpr bool kQInRegisters = ForwardShape<T, DP>::kQInRegisters;
+  using Keys = KeyTilePipeline<T, DP, kBlockK>;
   // Layout: key tile pipeline | Q | query flags.
   static constexpr int64_t kQOffset = Keys::kBytes;
-  static constexpr int64_t kQueryOkOffset = kQOffset + Rows<DP>::bytes(kBlockRows);
+  static constexpr int64_t kQueryOkOffset = kQOffset + Rows<T, DP>::bytes(kBlockRows);
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const AttentionParams p,
+__global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(const AttentionParams p,
                                                                               const GlobalKeys gk,
                                                                               int64_t slots, bool vec) {
-  using Tiles = FwdTiles<DP>;
+  using Tiles = FwdTiles<T, DP>;
   constexpr int kBlockK = Tiles::kBlockK;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
 
   // ---- which (b, h, r, tile) this block owns
   const BlockRows w = decode_block(p, slots);
@@ -52,7 +54,7 @@ __global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const 
   const int rows = w.rows;
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
+  TileElem<T>* sQ = reinterpret_cast<TileElem<T>*>(smem + Tiles::kQOffset);
   unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
   typename Tiles::Keys keys;
   // causal: no band key right of the diagonal
@@ -66,7 +68,7 @@ __global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const 
 
   // ---- Q tile (rows that are not local real queries are zero: they are never written), then the
   // first key tile; wait for Q only.
-  stage_rows<DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, nullptr, [&](int row, int64_t& pos) {
+  stage_rows<T, DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, nullptr, [&](int row, int64_t& pos) {
     pos = r + (s0 + row) * d;
     return row < rows && roles[pos] == kLocal;
   });
@@ -77,17 +79,17 @@ __global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const 
 
   const ThreadRows rows_of_thread = thread_rows(s0, r, d, query_ok);
 
-  const OperandFragments<DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
 
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   OnlineSoftmaxRows<T, DP, kBlockK> softmax;
-  keys.run(rows_of_thread, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+  keys.run(rows_of_thread, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
     softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
   });
   softmax.finish();
 
   // ---- write the local rows that saw a key
-  uint16_t* out_base = static_cast<uint16_t*>(p.out.data);
+  TileElem<T>* out_base = static_cast<TileElem<T>*>(p.out.data);
   float* lse = static_cast<float*>(p.lse);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -99,12 +101,12 @@ __global__ void LONGFORMER_MMA_BOUNDS banded_attention_forward_mma_kernel(const 
 
 template <typename T, int DP>
 int launch_forward_mma(const AttentionParams& p, const GlobalKeys& g, void* stream) {
-  using Tiles = FwdTiles<DP>;
+  using Tiles = FwdTiles<T, DP>;
   const int64_t slots = slots_per_head(p);
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
-  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 3);
+  const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
   auto kernel = banded_attention_forward_mma_kernel<T, DP>;
   // DP = 128 and 256 need more than the default 48 KiB of dynamic shared memory.
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
@@ -117,11 +119,18 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* strea
   if (p.head_dim <= 32) return launch_forward_mma<T, 32>(p, g, stream);
   if (p.head_dim <= 64) return launch_forward_mma<T, 64>(p, g, stream);
   if (p.head_dim <= 128) return launch_forward_mma<T, 128>(p, g, stream);
-  if (p.head_dim <= 256) return launch_forward_mma<T, 256>(p, g, stream);
-  return 1;  // cudaErrorInvalidValue: head dims above 256 are not supported by this path
+  if constexpr (!kFloatTiles<T>) {
+    if (p.head_dim <= 256) return launch_forward_mma<T, 256>(p, g, stream);
+  }
+  return 1;  // cudaErrorInvalidValue: see banded_attention_forward_mma_supports
 }
 
 }  // namespace
+
+bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (dtype == DType::kFloat32) return p.head_dim <= 128;
+  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
+}
 
 int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen == 0) return 0;
@@ -130,8 +139,10 @@ int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, 
       return dispatch_head_dim<__half>(p, g, stream);
     case DType::kBFloat16:
       return dispatch_head_dim<__nv_bfloat16>(p, g, stream);
+    case DType::kFloat32:
+      return dispatch_head_dim<float>(p, g, stream);
     default:
-      return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only (fp32/fp64: SIMT path)
+      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }
 }
 

@@ -363,11 +363,11 @@ int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType
 }
 
 int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                             bool tensor_cores, void* stream) {
+                             bool tiled, void* stream) {
   const int64_t slots = p.batch * p.heads * p.seqlen;
   if (slots == 0 || p.head_dim == 0) return 0;
   const SplitShape split = split_shape(p);
-  const bool mma = tensor_cores && global_attention_forward_mma_supports(p, dtype);
+  const bool mma = tiled && global_attention_forward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {
@@ -391,11 +391,11 @@ int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 }
 
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool accumulate, bool tensor_cores, void* stream) {
+                              bool accumulate, bool tiled, void* stream) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
   if (rows == 0 || p.head_dim == 0) return 0;
   const SplitShape split = split_shape(p);
-  const bool mma = tensor_cores && global_attention_backward_mma_supports(p, dtype);
+  const bool mma = tiled && global_attention_backward_mma_supports(p, dtype);
   return dispatch_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_head_dim(p.head_dim, [&](auto dim) {

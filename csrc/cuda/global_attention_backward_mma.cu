@@ -1,7 +1,7 @@
-// Backward of the rows of global queries on tensor cores (fp16 / bf16 in, fp32 accumulation), head
-// dims up to 128 (p.q/k/v are the global projections when the op has them). With
-// p_gj = exp(scale * q_g . k_j - lse_g), dP_gj = dO_g . v_j and delta_g = dO_g . O_g (the
-// workspace's delta, from global_attention.cu's delta kernel):
+// Tiled backward of the rows of global queries (fp16 / bf16 on tensor cores, head dims up to 128;
+// fp32 on FMA tiles, head dims up to 64; fp32 accumulation; mma_tiles.h) (p.q/k/v are the global
+// projections when the op has them). With p_gj = exp(scale * q_g . k_j - lse_g), dP_gj = dO_g . v_j
+// and delta_g = dO_g . O_g (the workspace's delta, from global_attention.cu's delta kernel):
 //   dQ_g = scale * sum_j p_gj (dP_gj - delta_g) k_j   over every real key j of global row g
 //   dK_j = scale * sum_g p_gj (dP_gj - delta_g) q_g,  dV_j = sum_g p_gj dO_g   over the global rows g
 // * global_dq_mma_kernel: the work items of the forward (global_split.h: 64 gathered global rows,
@@ -26,15 +26,15 @@ namespace {
 using namespace mma_tiles;
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T) global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                            const SplitShape split, const float* delta,
                                                            float* partials, bool vec) {
-  using S = BwdTiles<DP, false>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using S = BwdTiles<T, DP, false>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
-  uint16_t* sdO = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  TileElem<T>* sQ = reinterpret_cast<TileElem<T>*>(smem + S::kAOffset);
+  TileElem<T>* sdO = reinterpret_cast<TileElem<T>*>(smem + S::kBOffset);
   int64_t* query_pos = reinterpret_cast<int64_t*>(smem + S::kRowPosOffset);
   unsigned char* query_ok = smem + S::kRowOkOffset;
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
@@ -53,7 +53,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams
     keys.setup_band(p, p.k, p.v, it.b, it.h, 0, 1, it.key_begin, it.key_end, N, p.causal ? 0 : N, index,
                     it.c == 0 ? it.count : 0, vec, smem);
     // The tile's global rows with a key (finite lse); the others get no gradient.
-    stage_rows<DP>(it.b, it.h, D, p.q, sQ, &p.grad_out, sdO, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
+    stage_rows<T, DP>(it.b, it.h, D, p.q, sQ, &p.grad_out, sdO, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
       pos = row < it.rows ? index[it.g0 + row] : 0;
       return row < it.rows && roles[pos] == kGlobal && lse[pos] != -INFINITY;
     });
@@ -69,10 +69,10 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams
       lse_log2[i] = rows.ok[i] ? lse[rows.pos[i]] * kLog2e : 0.0f;
       row_delta[i] = rows.ok[i] ? delta[(it.b * p.heads + it.h) * N + rows.pos[i]] : 0.0f;
     }
-    const OperandFragments<DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
-    const OperandFragments<DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
+    const OperandFragments<T, DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
+    const OperandFragments<T, DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
     float dq[DP / 8][4] = {};
-    keys.run(rows, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+    keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
       accumulate_dq_tile<T, DP, S::kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
     });
 
@@ -98,10 +98,10 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dq_mma_kernel(const AttentionParams
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T) global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                              const float* delta, bool accumulate, bool vec) {
-  using S = BwdTiles<DP, true>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using S = BwdTiles<T, DP, true>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim;
   const int64_t tiles = ceil_div(N, kBlockRows);
   const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
@@ -111,8 +111,8 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
   if (count == 0) return;  // block-uniform: no global row, nothing to add (or the zeros stay)
 
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sK = reinterpret_cast<uint16_t*>(smem + S::kAOffset);
-  uint16_t* sV = reinterpret_cast<uint16_t*>(smem + S::kBOffset);
+  TileElem<T>* sK = reinterpret_cast<TileElem<T>*>(smem + S::kAOffset);
+  TileElem<T>* sV = reinterpret_cast<TileElem<T>*>(smem + S::kBOffset);
   unsigned char* key_ok = smem + S::kRowOkOffset;
   const uint8_t* roles = p.roles + b * N;
   // The tiles are the batch row's global queries (no band tiles); a key is seen by every global
@@ -122,7 +122,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
   queries.lse = static_cast<const float*>(p.lse);
   queries.delta = delta;
 
-  stage_rows<DP>(b, h, D, p.k, sK, &p.v, sV, vec, key_ok, nullptr, [&](int row, int64_t& pos) {
+  stage_rows<T, DP>(b, h, D, p.k, sK, &p.v, sV, vec, key_ok, nullptr, [&](int row, int64_t& pos) {
     pos = s0 + row;
     return pos < N && roles[pos] != kPadding;
   });
@@ -133,12 +133,12 @@ __global__ void LONGFORMER_MMA_BOUNDS global_dkdv_mma_kernel(const AttentionPara
 
   const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
   const ThreadRows rows = thread_rows(s0, 0, 1, key_ok);
-  const OperandFragments<DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
-  const OperandFragments<DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
+  const OperandFragments<T, DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  queries.run(rows, [&](const uint16_t* sQ, const uint16_t* sdO, int stage, auto allowed) {
+  queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
     accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
   });
   store_rows<T, DP>(dk, p.grad_k, b, h, rows.pos, rows.ok, D, static_cast<float>(p.scale), accumulate, lane);
@@ -151,10 +151,10 @@ int launch_global_backward_mma(const AttentionParams& p, const GlobalKeys& g, co
   const float* delta = static_cast<const float*>(workspace);
   float* partials = static_cast<float*>(workspace) + p.batch * p.heads * p.seqlen;
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
-  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 4);
+  const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
   auto dq = global_dq_mma_kernel<T, DP>;
   auto dkdv = global_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kDqBytes = BwdTiles<DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<DP, true>::kSmemBytes;
+  constexpr int64_t kDqBytes = BwdTiles<T, DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<T, DP, true>::kSmemBytes;
   if (const int err = allow_shared_bytes(dq, kDqBytes)) return err;
   if (const int err = allow_shared_bytes(dkdv, kDkdvBytes)) return err;
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kRowTile) * split.max_chunks;
@@ -173,13 +173,16 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
                       bool accumulate, void* stream) {
   if (p.head_dim <= 32) return launch_global_backward_mma<T, 32>(p, g, split, workspace, accumulate, stream);
   if (p.head_dim <= 64) return launch_global_backward_mma<T, 64>(p, g, split, workspace, accumulate, stream);
-  if (p.head_dim <= 128) return launch_global_backward_mma<T, 128>(p, g, split, workspace, accumulate, stream);
+  if constexpr (!kFloatTiles<T>) {
+    if (p.head_dim <= 128) return launch_global_backward_mma<T, 128>(p, g, split, workspace, accumulate, stream);
+  }
   return 1;  // cudaErrorInvalidValue: see global_attention_backward_mma_supports
 }
 
 }  // namespace
 
 bool global_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (dtype == DType::kFloat32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
@@ -187,7 +190,8 @@ int global_attention_backward_mma(const AttentionParams& p, const GlobalKeys& g,
                                   void* workspace, DType dtype, bool accumulate, void* stream) {
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, accumulate, stream);
   if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, accumulate, stream);
-  return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+  if (dtype == DType::kFloat32) return dispatch_head_dim<float>(p, g, split, workspace, accumulate, stream);
+  return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
 }
 
 }  // namespace longformer::cuda

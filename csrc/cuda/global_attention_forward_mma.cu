@@ -1,6 +1,7 @@
-// Rows of global queries on tensor cores (fp16 / bf16 in, fp32 softmax and accumulation): each
-// global row g of (b, h) attends to every real key of its batch row (keys j <= g when causal), with
-// the global projections when the op has them (p.q/k/v are then global_q/k/v).
+// Rows of global queries, tiled (fp16 / bf16 on tensor cores, fp32 on FMA tiles: mma_tiles.h; fp32
+// softmax and accumulation): each global row g of (b, h) attends to every real key of its batch row
+// (keys j <= g when causal), with the global projections when the op has them (p.q/k/v are then
+// global_q/k/v).
 //
 // A work item is (tile of 64 of the batch row's global rows, gathered by position in ascending
 // order; b, h; chunk c of the keys, global_split.h). Its block walks the chunk's key range through
@@ -28,27 +29,27 @@ using namespace mma_tiles;
 
 static_assert(kRowTile == kBlockRows, "a row tile of global rows is one block of rows");
 
-template <int DP>
+template <typename T, int DP>
 struct GlobalRowTiles {
-  static constexpr int kBlockK = ForwardShape<DP>::kBlockK;
-  static constexpr bool kQInRegisters = ForwardShape<DP>::kQInRegisters;
-  using Keys = KeyTilePipeline<DP, kBlockK>;
+  static constexpr int kBlockK = ForwardShape<T, DP>::kBlockK;
+  static constexpr bool kQInRegisters = ForwardShape<T, DP>::kQInRegisters;
+  using Keys = KeyTilePipeline<T, DP, kBlockK>;
   // Layout: key tile pipeline | Q | query positions (int64) | query flags.
   static constexpr int64_t kQOffset = Keys::kBytes;
-  static constexpr int64_t kQueryPosOffset = kQOffset + Rows<DP>::bytes(kBlockRows);
+  static constexpr int64_t kQueryPosOffset = kQOffset + Rows<T, DP>::bytes(kBlockRows);
   static constexpr int64_t kQueryOkOffset = kQueryPosOffset + int64_t{kBlockRows} * 8;
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                      const SplitShape split, float* workspace,
                                                                      bool vec) {
-  using Tiles = GlobalRowTiles<DP>;
-  constexpr int kPitch = Rows<DP>::kPitch;
+  using Tiles = GlobalRowTiles<T, DP>;
+  constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t H = p.heads, N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
-  uint16_t* sQ = reinterpret_cast<uint16_t*>(smem + Tiles::kQOffset);
+  TileElem<T>* sQ = reinterpret_cast<TileElem<T>*>(smem + Tiles::kQOffset);
   int64_t* query_pos = reinterpret_cast<int64_t*>(smem + Tiles::kQueryPosOffset);
   unsigned char* query_ok = smem + Tiles::kQueryOkOffset;
   const int tid = static_cast<int>(threadIdx.x);
@@ -70,7 +71,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const Atten
                     c == 0 ? it.count : 0, vec, smem);
 
     // ---- the tile's Q rows (gathered), then the first key tile; wait for Q only.
-    stage_rows<DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
+    stage_rows<T, DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
       pos = row < rows ? index[g0 + row] : 0;
       return row < rows && roles[pos] == kGlobal;
     });
@@ -80,9 +81,9 @@ __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const Atten
     __syncthreads();
 
     const ThreadRows mine = gathered_rows(query_pos, query_ok, rows);
-    const OperandFragments<DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
+    const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
     OnlineSoftmaxRows<T, DP, Tiles::kBlockK> softmax;
-    keys.run(mine, [&](const uint16_t* sK, const uint16_t* sV, int, auto allowed) {
+    keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
       softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
     });
     softmax.finish();
@@ -95,7 +96,7 @@ __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const Atten
       const bool seen = mine.ok[i] && softmax.row_sum[i] > 0.0f;
       if (chunks == 1) {
         if (!seen) continue;  // no key: the row keeps out 0, lse -inf
-        softmax.store_row(i, static_cast<uint16_t*>(p.out.data) + head_row_offset(p.out, b, h, mine.pos[i]), D,
+        softmax.store_row(i, static_cast<TileElem<T>*>(p.out.data) + head_row_offset(p.out, b, h, mine.pos[i]), D,
                           lane);
         if (t == 0) static_cast<float*>(p.lse)[(b * H + h) * N + mine.pos[i]] = softmax.lse(i);
         continue;
@@ -120,10 +121,10 @@ __global__ void LONGFORMER_MMA_BOUNDS global_rows_forward_mma_kernel(const Atten
 template <typename T, int DP>
 int launch_global_rows_mma(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
                            void* stream) {
-  using Tiles = GlobalRowTiles<DP>;
+  using Tiles = GlobalRowTiles<T, DP>;
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * split.max_chunks;
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
-  const bool vec = rows_are_16_byte_aligned(p.head_dim, operands, 3);
+  const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
   auto kernel = global_rows_forward_mma_kernel<T, DP>;
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
@@ -137,12 +138,16 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
   if (p.head_dim <= 32) return launch_global_rows_mma<T, 32>(p, g, split, workspace, stream);
   if (p.head_dim <= 64) return launch_global_rows_mma<T, 64>(p, g, split, workspace, stream);
   if (p.head_dim <= 128) return launch_global_rows_mma<T, 128>(p, g, split, workspace, stream);
-  return launch_global_rows_mma<T, 256>(p, g, split, workspace, stream);
+  if constexpr (!kFloatTiles<T>) {
+    if (p.head_dim <= 256) return launch_global_rows_mma<T, 256>(p, g, split, workspace, stream);
+  }
+  return 1;  // cudaErrorInvalidValue: see global_attention_forward_mma_supports
 }
 
 }  // namespace
 
 bool global_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (dtype == DType::kFloat32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }
 
@@ -150,7 +155,8 @@ int global_attention_forward_mma_chunks(const AttentionParams& p, const GlobalKe
                                         void* workspace, DType dtype, void* stream) {
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, stream);
   if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, stream);
-  return 1;  // cudaErrorInvalidValue: tensor cores take fp16 / bf16 only
+  if (dtype == DType::kFloat32) return dispatch_head_dim<float>(p, g, split, workspace, stream);
+  return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
 }
 
 }  // namespace longformer::cuda

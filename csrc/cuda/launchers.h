@@ -40,22 +40,29 @@ struct GlobalKeys {
 //   *_workspace_bytes function asked for (uninitialised). Results are deterministic: no
 //   order-dependent floating-point atomics.
 
-// Local rows, SIMT (every dtype; the float32/float64 path): band keys plus every global key.
+// Two families of kernels. SIMT: one warp per row (every dtype and head dim; the float64 path).
+// Tiled (the *_mma kernels, mma_tiles.h): blocks of 64 rows that walk tiles of 64 or fewer keys
+// through a cp.async pipeline, multiplying on tensor cores (mma.sync m16n8k16, fp32 accumulation)
+// for float16/bfloat16 and on FMA in the same fragment layout for float32 (exact fp32); each
+// *_mma_supports says which inputs a tiled kernel takes.
+
+// Local rows, SIMT: band keys plus every global key.
 int banded_attention_forward_simt(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
-// Local rows on tensor cores (mma.sync m16n8k16, fp32 accumulation): float16 and bfloat16 only.
+// Local rows, tiled: float16/bfloat16 with D <= 256, float32 with D <= 128.
+bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype);
 int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);
 
 int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
-// `tensor_cores`: the local rows' dQ and the local keys' dK/dV on tensor cores where
-// banded_attention_backward_mma_supports (float16/bfloat16, D <= 128); SIMT otherwise and for the
-// rest (delta, the global keys' dK/dV).
+// `tiled`: the local rows' dQ, the local keys' dK/dV and the global keys' dK/dV on the tiled
+// kernels where banded_attention_backward_mma_supports (float16/bfloat16 with D <= 128, float32
+// with D <= 64); SIMT otherwise and for the rest (delta, the combine of the global keys' dK/dV).
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool tensor_cores, void* stream);
+                              bool tiled, void* stream);
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype);
-// The tensor-core part: `delta` is [B, H, N] float (delta_i = dO_i . O_i, 0 off local rows).
+// The tiled part: `delta` is [B, H, N] float (delta_i = dO_i . O_i, 0 off local rows).
 int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,
                                         DType dtype, void* stream);
-// The global keys' dK/dV from the local rows on tensor cores: the chunk partials of the workspace
+// The global keys' dK/dV from the local rows, tiled: the chunk partials of the workspace
 // (backward_split.h), delta filled; the SIMT combine kernel sums them.
 int banded_attention_backward_mma_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace,
                                               DType dtype, void* stream);
@@ -65,16 +72,17 @@ int banded_attention_backward_mma_global_keys(const AttentionParams& p, const Gl
 // row are split across blocks; `workspace` (uninitialised, the size asked for) holds the chunk
 // partials that a second kernel combines in a fixed order.
 int64_t global_attention_forward_workspace_bytes(const AttentionParams& p, DType dtype);
-// `tensor_cores`: the chunks on tensor cores where the inputs allow (float16/bfloat16), as tiles of
-// 64 gathered global rows; SIMT otherwise (one warp per row and key group).
+// `tiled`: the chunks as tiles of 64 gathered global rows where the inputs allow (float16/bfloat16
+// with D <= 256, float32 with D <= 128); SIMT otherwise (one warp per row and key group).
 int global_attention_forward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                             bool tensor_cores, void* stream);
+                             bool tiled, void* stream);
 int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows), written,
 // or with `accumulate` added to what they hold (the local rows' part, when both share q, k, v).
-// `tensor_cores`: dQ and dK/dV on tensor cores where the inputs allow (float16/bfloat16, D <= 128).
+// `tiled`: dQ and dK/dV on the tiled kernels where the inputs allow (float16/bfloat16 with D <= 128,
+// float32 with D <= 64).
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
-                              bool accumulate, bool tensor_cores, void* stream);
+                              bool accumulate, bool tiled, void* stream);
 
 // Unfused banded products (BandedMatmulParams; formulas in longformer/schemas.h).
 // qk: a = q, b = k -> band (every slot written, `fill` off the sequence). pv: band, b = v -> out.

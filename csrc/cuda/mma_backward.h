@@ -1,4 +1,4 @@
-// What the tensor-core backward kernels share (banded_attention_backward_mma.cu for the local rows,
+// What the tiled backward kernels share (banded_attention_backward_mma.cu for the local rows,
 // global_attention_backward_mma.cu for the global rows): the shape and shared memory of a block,
 // and the store of an accumulator tile.
 #pragma once
@@ -14,19 +14,26 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Compile-time shape of one head-dim tile, and the shared memory of a block: the tile pipeline
 // (key tiles for dQ, query tiles for dK/dV), then the block's own 64 rows of two operands (dQ: q
 // and grad_out; dK/dV: k and v), their flags and their positions.
-template <int DP, bool kQueryTiles>
+template <typename T, int DP, bool kQueryTiles>
 struct BwdTiles {
-  static_assert(DP == 32 || DP == 64 || DP == 128, "the tensor-core backward takes head dims up to 128");
-  // Up to D = 64 the block's two operands live in registers as A fragments and tiles hold 64 rows.
-  // At 128 the two accumulators alone (dK and dV) take 128 registers: the operands are re-read
-  // from shared memory per tile and tiles hold 32 rows for dQ, 16 for dK/dV (with 32, ptxas
-  // spilled 16-32 bytes there).
-  static constexpr int kBlockK = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
+  static_assert(DP == 32 || DP == 64 || DP == 128, "the tiled backward takes head dims up to 128");
+  static_assert(!kFloatTiles<T> || DP <= 64, "float tiles: head dims up to 64 in the backward");
+  // 16-bit tiles: up to D = 64 the block's two operands live in registers as A fragments and
+  // tiles hold 64 rows. At 128 the two accumulators alone (dK and dV) take 128 registers: the
+  // operands are re-read from shared memory per tile and tiles hold 32 rows for dQ, 16 for dK/dV
+  // (with 32, ptxas spilled 16-32 bytes there). Float tiles hold 32 rows, 16 for dK/dV at DP = 64
+  // (with 64 and 32 rows the dK/dV kernels took 254 and 228 registers; now every float kernel
+  // stays within 168, 3 blocks per SM), at most 56 KiB of shared memory per block; at DP = 128
+  // they would need at least 100 KiB, over the 99 KiB that sm_86/sm_89 allow a block, so those head
+  // dims take SIMT.
+  static constexpr int kFloatRows = DP == 64 && kQueryTiles ? 16 : 32;
+  static constexpr int kHalfRows = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
+  static constexpr int kBlockK = kFloatTiles<T> ? kFloatRows : kHalfRows;
   static constexpr bool kOperandsInRegisters = DP <= 64;
-  using Tiles = KeyTilePipeline<DP, kBlockK, kQueryTiles>;
+  using Tiles = KeyTilePipeline<T, DP, kBlockK, kQueryTiles>;
   static constexpr int64_t kAOffset = Tiles::kBytes;
-  static constexpr int64_t kBOffset = kAOffset + Rows<DP>::bytes(kBlockRows);
-  static constexpr int64_t kRowPosOffset = kBOffset + Rows<DP>::bytes(kBlockRows);
+  static constexpr int64_t kBOffset = kAOffset + Rows<T, DP>::bytes(kBlockRows);
+  static constexpr int64_t kRowPosOffset = kBOffset + Rows<T, DP>::bytes(kBlockRows);
   static constexpr int64_t kRowOkOffset = kRowPosOffset + int64_t{kBlockRows} * 8;
   static constexpr int64_t kSmemBytes = kRowOkOffset + kBlockRows;
 };
@@ -36,13 +43,13 @@ struct BwdTiles {
 // dS = P (dP - delta), dQ += dS K. lse_log2 / row_delta are this thread's two rows'.
 template <typename T, int DP, int kBlockK, typename Fragments, typename Allowed>
 __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const Fragments& qf, const Fragments& dof,
-                                                   const uint16_t* sK, const uint16_t* sV,
+                                                   const TileElem<T>* sK, const TileElem<T>* sV,
                                                    const float (&lse_log2)[2], const float (&row_delta)[2],
                                                    float scale_log2, Allowed&& allowed, int lane) {
   constexpr int kNT = kBlockK / 8;
   float s[kNT][4] = {}, dp[kNT][4] = {};
-  mma_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
-  mma_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
+  warp_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
+  warp_times_rows_transposed<T, DP, kNT>(dp, dof, sV, lane);
 #pragma unroll
   for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -52,7 +59,7 @@ __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const
       s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
     }
   }
-  mma_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
+  warp_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
 }
 
 // One query tile of a dK/dV kernel (a warp's 16 key rows, fragments kf of K and vf of V; the tile's
@@ -61,12 +68,12 @@ __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const
 template <typename T, int DP, typename Tiles, typename Fragments, typename Allowed>
 __device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], float (&dv)[DP / 8][4],
                                                      const Fragments& kf, const Fragments& vf, const Tiles& tiles,
-                                                     const uint16_t* sQ, const uint16_t* sdO, int stage,
+                                                     const TileElem<T>* sQ, const TileElem<T>* sdO, int stage,
                                                      float scale_log2, Allowed&& allowed, int lane) {
   constexpr int kNT = Tiles::kTileRows / 8;
   float st[kNT][4] = {}, dpt[kNT][4] = {};
-  mma_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
-  mma_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
+  warp_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
+  warp_times_rows_transposed<T, DP, kNT>(dpt, vf, sdO, lane);
   // This lane's query columns 2t + c: their lse (log2 units) and delta.
   const float* lane_lse = tiles.values(stage, 0) + 2 * (lane & 3);
   const float* lane_delta = tiles.values(stage, 1) + 2 * (lane & 3);
@@ -80,8 +87,8 @@ __device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], flo
       dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
     }
   }
-  mma_accumulate_rows<T, DP, Tiles::kTileRows>(dv, st, sdO, lane);
-  mma_accumulate_rows<T, DP, Tiles::kTileRows>(dk, dpt, sQ, lane);
+  warp_accumulate_rows<T, DP, Tiles::kTileRows>(dv, st, sdO, lane);
+  warp_accumulate_rows<T, DP, Tiles::kTileRows>(dk, dpt, sQ, lane);
 }
 
 // Writes this thread's part of a 16 x DP accumulator tile (rows g and g + 8 of its warp) to the
@@ -92,11 +99,11 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
                                            int64_t h, const int64_t (&row_pos)[2], const bool (&row_ok)[2],
                                            int64_t D, float scale, bool accumulate, int lane) {
   const int t = lane & 3;
-  uint16_t* base = static_cast<uint16_t*>(dst.data);
+  TileElem<T>* base = static_cast<TileElem<T>*>(dst.data);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (!row_ok[i]) continue;
-    uint16_t* out = base + head_row_offset(dst, b, h, row_pos[i]);
+    TileElem<T>* out = base + head_row_offset(dst, b, h, row_pos[i]);
 #pragma unroll
     for (int n = 0; n < DP / 8; ++n) {
 #pragma unroll
@@ -104,7 +111,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
         const int col = 8 * n + 2 * t + e;
         if (col >= D) continue;
         const float value = acc[n][2 * i + e] * scale;
-        out[col] = float_to_bits<T>(accumulate ? bits_to_float<T>(out[col]) + value : value);
+        out[col] = float_to_elem<T>(accumulate ? elem_to_float<T>(out[col]) + value : value);
       }
     }
   }

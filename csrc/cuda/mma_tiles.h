@@ -1,7 +1,9 @@
-// What the tensor-core attention kernels (banded_attention_forward_mma.cu,
-// banded_attention_backward_mma.cu) share: the block decomposition over dilation residues, the
-// shared-memory row layout, the two warp-level tile products, and the pipeline of key tiles that
-// a block of 64 query rows walks (band tiles, then tiles of gathered global keys).
+// What the tiled attention kernels (the *_mma.cu files) share: the block decomposition over
+// dilation residues, the shared-memory row layout, the two warp-level tile products, and the
+// pipeline of key tiles that a block of 64 query rows walks (band tiles, then tiles of gathered
+// global keys). Every piece takes the op's dtype T: float16 / bfloat16 tiles hold 16-bit patterns
+// and multiply on tensor cores (mma.h); float32 tiles hold floats and multiply on FMA in the same
+// fragment layout (fma_tiles.h), exact fp32.
 //
 // Block decomposition. With dilation d, position i only meets band positions j = i (mod d): the
 // dilated band over N positions is d undilated bands over the strided subsequences r, r + d,
@@ -14,15 +16,18 @@
 
 #include "async_copy.h"
 #include "device.h"
+#include "fma_tiles.h"
 #include "launchers.h"
 #include "mma.h"
 
 #ifdef LONGFORMER_HOST_EMULATION
-#define LONGFORMER_MMA_BOUNDS
+#define LONGFORMER_MMA_BOUNDS(T)
 #else
-// The tensor-core kernels' blocks: 128 threads; lets ptxas use up to 255 registers per thread (no
-// forced spills).
-#define LONGFORMER_MMA_BOUNDS __launch_bounds__(128)
+// The tiled kernels' blocks: 128 threads, up to 255 registers per thread. Float tiles also ask for
+// at least one resident block: without it ptxas aimed at 128 registers and spilled 8-16 bytes to
+// local memory in some instantiations. The 16-bit tiles give no minimum (0), which keeps the
+// counts their budgets were set with (with 1, ptxas took up to 21 more, a block fewer per SM).
+#define LONGFORMER_MMA_BOUNDS(T) __launch_bounds__(128, std::is_same_v<T, float> ? 1 : 0)
 #endif
 
 namespace longformer::cuda::mma_tiles {
@@ -32,15 +37,41 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kBlockRows = kWarps * 16;  // rows per block: 16 per warp
 constexpr unsigned kFull = 0xffffffffu;
 
-// Shared-memory rows of a padded head dim DP (16-bit elements). The extra 8 elements (16 bytes)
-// shift consecutive rows by 4 banks, so the 8 row addresses of one ldmatrix phase hit distinct
-// banks, while rows stay 16-byte aligned (as ldmatrix and cp.async need).
-template <int DP>
+// The element of a tile in shared memory for op dtype T: the 16-bit pattern of a float16 /
+// bfloat16 value (kernels never do arithmetic on those types themselves), or a float.
+template <typename T>
+using TileElem = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+template <typename T>
+constexpr bool kFloatTiles = std::is_same_v<T, float>;
+
+template <typename T>
+__device__ __forceinline__ float elem_to_float(TileElem<T> x) {
+  if constexpr (kFloatTiles<T>) {
+    return x;
+  } else {
+    return bits_to_float<T>(x);
+  }
+}
+template <typename T>
+__device__ __forceinline__ TileElem<T> float_to_elem(float x) {
+  if constexpr (kFloatTiles<T>) {
+    return x;
+  } else {
+    return float_to_bits<T>(x);
+  }
+}
+
+// Shared-memory rows of a padded head dim DP. The extra 16 bytes shift consecutive rows by 4
+// banks, so the 8 row addresses of one ldmatrix phase (16-bit tiles) or of one quarter of a float
+// load pattern (fma_tiles.h) hit distinct banks, while rows stay 16-byte aligned (as ldmatrix,
+// cp.async and 16-byte loads need).
+template <typename T, int DP>
 struct Rows {
   static_assert(DP == 32 || DP == 64 || DP == 128 || DP == 256, "padded head dims");
-  static constexpr int kPitch = DP + 8;
-  static constexpr int kChunks = DP / 8;  // 16-byte chunks per row
-  static constexpr int64_t bytes(int rows) { return int64_t{rows} * kPitch * 2; }
+  static constexpr int kPerChunk = 16 / static_cast<int>(sizeof(TileElem<T>));  // elements per 16 bytes
+  static constexpr int kPitch = DP + kPerChunk;
+  static constexpr int kChunks = DP / kPerChunk;  // 16-byte chunks per row
+  static constexpr int64_t bytes(int rows) { return int64_t{rows} * kPitch * int64_t{sizeof(TileElem<T>)}; }
 };
 
 // Device twin of RowMajorHeads::offset (host-only in params.h): int64 so big tensors cannot wrap.
@@ -48,66 +79,74 @@ __device__ __forceinline__ int64_t head_row_offset(const RowMajorHeads& x, int64
   return b * x.stride_b + h * x.stride_h + n * x.stride_n;
 }
 
-// Whether 16-byte copies are legal for every operand: D % 8 == 0 and 16-byte aligned rows.
+// Whether 16-byte copies are legal for every operand of dtype T: whole 16-byte chunks per row
+// (D % 8 == 0 for 16-bit types, D % 4 == 0 for float) and 16-byte aligned rows.
+template <typename T>
 inline bool rows_are_16_byte_aligned(int64_t head_dim, const RowMajorHeads* const* operands, int count) {
-  if (head_dim % 8 != 0) return false;
+  constexpr int64_t kPer = 16 / sizeof(TileElem<T>);
+  if (head_dim % kPer != 0) return false;
   for (int i = 0; i < count; ++i) {
     const RowMajorHeads& x = *operands[i];
-    if (reinterpret_cast<uintptr_t>(x.data) % 16 != 0 || x.stride_b % 8 != 0 || x.stride_h % 8 != 0 ||
-        x.stride_n % 8 != 0)
+    if (reinterpret_cast<uintptr_t>(x.data) % 16 != 0 || x.stride_b % kPer != 0 || x.stride_h % kPer != 0 ||
+        x.stride_n % kPer != 0)
       return false;
   }
   return true;
 }
 
-// Starts the copy of one 16-byte chunk (8 elements) of a row of D 16-bit elements into shared
-// memory; columns D..DP-1, and the whole row when src_row is null, become zero. With `vec` it is a
-// cp.async that lands at the next cp_async_wait covering it; otherwise a plain copy, there at once.
-// `any_row` is a valid address for the zero-filling cp.async to name.
-__device__ __forceinline__ void stage_row_chunk(uint16_t* dst_row, const uint16_t* src_row, int chunk, int64_t D,
-                                                bool vec, const uint16_t* any_row) {
-  const int col = chunk * 8;
-  uint16_t* dst = dst_row + col;
-  if (vec) {  // D % 8 == 0: a chunk lies wholly inside or outside the row
+// Starts the copy of one 16-byte chunk of a row of D elements into shared memory; columns
+// D..DP-1, and the whole row when src_row is null, become zero. With `vec` it is a cp.async that
+// lands at the next cp_async_wait covering it; otherwise a plain copy, there at once. `any_row` is a
+// valid address for the zero-filling cp.async to name.
+template <typename T>
+__device__ __forceinline__ void stage_row_chunk(TileElem<T>* dst_row, const TileElem<T>* src_row, int chunk,
+                                                int64_t D, bool vec, const TileElem<T>* any_row) {
+  using E = TileElem<T>;
+  constexpr int kPer = 16 / static_cast<int>(sizeof(E));
+  const int col = chunk * kPer;
+  E* dst = dst_row + col;
+  if (vec) {  // whole chunks per row: a chunk lies wholly inside or outside the row
     const bool from_source = src_row != nullptr && col < D;
     cp_async_16(dst, from_source ? src_row + col : any_row, from_source);
     return;
   }
   if (src_row != nullptr && col < D) {
-    uint16_t tmp[8];
+    E tmp[kPer];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) tmp[e] = (col + e < D) ? src_row[col + e] : uint16_t{0};
+    for (int e = 0; e < kPer; ++e) tmp[e] = (col + e < D) ? src_row[col + e] : E{0};
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dst[e] = tmp[e];
+    for (int e = 0; e < kPer; ++e) dst[e] = tmp[e];
     return;
   }
 #pragma unroll
-  for (int e = 0; e < 8; ++e) dst[e] = 0;
+  for (int e = 0; e < kPer; ++e) dst[e] = E{0};
 }
 
 // Starts the copies of a block's kBlockRows rows of operand `a` (and of `b` when given) into
 // shared memory rows as part of the current cp.async group. row_at(row, pos) says whether row
 // `row` is staged and sets its position; rows not staged are zero with flag 0. The flags go to
 // row_ok, the positions to row_pos when it is given.
-template <int DP, typename RowAt>
+template <typename T, int DP, typename RowAt>
 __device__ __forceinline__ void stage_rows(int64_t batch, int64_t head, int64_t D, const RowMajorHeads& a,
-                                           uint16_t* sA, const RowMajorHeads* b, uint16_t* sB, bool vec,
+                                           TileElem<T>* sA, const RowMajorHeads* b, TileElem<T>* sB, bool vec,
                                            unsigned char* row_ok, int64_t* row_pos, RowAt&& row_at) {
-  const uint16_t* a_base = static_cast<const uint16_t*>(a.data);
-  for (int c = static_cast<int>(threadIdx.x); c < kBlockRows * Rows<DP>::kChunks; c += kThreads) {
-    const int row = c / Rows<DP>::kChunks, chunk = c % Rows<DP>::kChunks;
+  using E = TileElem<T>;
+  using R = Rows<T, DP>;
+  const E* a_base = static_cast<const E*>(a.data);
+  for (int c = static_cast<int>(threadIdx.x); c < kBlockRows * R::kChunks; c += kThreads) {
+    const int row = c / R::kChunks, chunk = c % R::kChunks;
     int64_t pos = 0;
     const bool ok = row_at(row, pos);
     if (chunk == 0) {
       row_ok[row] = ok;
       if (row_pos != nullptr) row_pos[row] = pos;
     }
-    stage_row_chunk(sA + row * Rows<DP>::kPitch, ok ? a_base + head_row_offset(a, batch, head, pos) : nullptr, chunk,
-                    D, vec, a_base);
+    stage_row_chunk<T>(sA + row * R::kPitch, ok ? a_base + head_row_offset(a, batch, head, pos) : nullptr, chunk,
+                       D, vec, a_base);
     if (b != nullptr) {
-      const uint16_t* b_base = static_cast<const uint16_t*>(b->data);
-      stage_row_chunk(sB + row * Rows<DP>::kPitch, ok ? b_base + head_row_offset(*b, batch, head, pos) : nullptr,
-                      chunk, D, vec, b_base);
+      const E* b_base = static_cast<const E*>(b->data);
+      stage_row_chunk<T>(sB + row * R::kPitch, ok ? b_base + head_row_offset(*b, batch, head, pos) : nullptr,
+                         chunk, D, vec, b_base);
     }
   }
 }
@@ -173,78 +212,90 @@ inline bool grid_for_blocks(int64_t blocks, dim3& grid) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp-level tile products. A fragments (16 rows x 16 of the k dimension, mma.h layouts) come from
-// a_frag(ks, a) for k-step ks; shared-memory operands are rows of Rows<DP>::kPitch elements.
+// Warp-level tile products, accumulated in mma C fragments (fp32). The A operand is a warp's 16
+// rows, given as OperandFragments (below): for 16-bit tiles its A fragments (16 rows x 16 of the k
+// dimension, mma.h layouts) for k-step ks through a_frag(ks, a); for float tiles its rows in shared
+// memory. Shared-memory operands are rows of Rows<T, DP>::kPitch elements.
 
 // acc[j] += A B^T for n-tiles j < kNT, where B's rows 8j.. are shared-memory rows (keys) and its
 // k index runs along them (DP columns): S = Q K^T, dP = dO V^T.
 template <typename T, int DP, int kNT, typename AFrag>
-__device__ __forceinline__ void mma_times_rows_transposed(float (&acc)[kNT][4], AFrag&& a_frag, const uint16_t* rows,
-                                                          int lane) {
-  constexpr int kPitch = Rows<DP>::kPitch;
-  const int g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void warp_times_rows_transposed(float (&acc)[kNT][4], AFrag&& a_frag,
+                                                           const TileElem<T>* rows, int lane) {
+  constexpr int kPitch = Rows<T, DP>::kPitch;
+  if constexpr (kFloatTiles<T>) {
+    fma_tiles::times_rows_transposed<DP, kNT, kPitch>(acc, a_frag.rows, rows, lane);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int ks = 0; ks < DP / 16; ++ks) {
-    uint32_t a[4];
-    a_frag(ks, a);
-    if constexpr (DP <= 128) {
-      // Plain ldmatrix, matrix rows are keys: (keys 8j.., k +0..7), (8j.., +8..15), (8j+8.., +0..7),
-      // (8j+8.., +8..15).
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t a[4];
+      a_frag(ks, a);
+      if constexpr (DP <= 128) {
+        // Plain ldmatrix, matrix rows are keys: (keys 8j.., k +0..7), (8j.., +8..15), (8j+8.., +0..7),
+        // (8j+8.., +8..15).
 #pragma unroll
-      for (int j = 0; j < kNT; j += 2) {
-        uint32_t kb[4];
-        ldmatrix_x4<false>(kb, rows + (8 * j + 8 * (lane >> 4) + (lane & 7)) * kPitch + ks * 16 + 8 * ((lane >> 3) & 1));
-        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
-        mma_m16n8k16_f32<T>(acc[j], a, b0, acc[j]);
-        mma_m16n8k16_f32<T>(acc[j + 1], a, b1, acc[j + 1]);
-      }
-    } else {
-      // DP = 256: 32-bit loads (fewer live registers than ldmatrix.x4; ptxas spilled with it).
+        for (int j = 0; j < kNT; j += 2) {
+          uint32_t kb[4];
+          const int key = 8 * j + 8 * (lane >> 4) + (lane & 7);
+          ldmatrix_x4<false>(kb, rows + key * kPitch + ks * 16 + 8 * ((lane >> 3) & 1));
+          const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+          mma_m16n8k16_f32<T>(acc[j], a, b0, acc[j]);
+          mma_m16n8k16_f32<T>(acc[j + 1], a, b1, acc[j + 1]);
+        }
+      } else {
+        // DP = 256: 32-bit loads (fewer live registers than ldmatrix.x4; ptxas spilled with it).
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        const uint16_t* k0 = rows + (8 * j + g) * kPitch + ks * 16 + 2 * t;
-        const uint32_t bb[2] = {load_u32(k0), load_u32(k0 + 8)};
-        mma_m16n8k16_f32<T>(acc[j], a, bb, acc[j]);
+        for (int j = 0; j < kNT; ++j) {
+          const uint16_t* k0 = rows + (8 * j + g) * kPitch + ks * 16 + 2 * t;
+          const uint32_t bb[2] = {load_u32(k0), load_u32(k0 + 8)};
+          mma_m16n8k16_f32<T>(acc[j], a, bb, acc[j]);
+        }
       }
     }
   }
 }
 
 // acc[n] += P B for the DP / 8 n-tiles of B's columns, where P is 16 x kRows given as C fragments
-// of kRows / 8 n-tiles (p[j], fp32, rounded to T here) and B's kRows rows are shared-memory rows:
-// O = P V, dQ = dS K, dV = P^T dO, dK = dS^T Q. The C fragments of n-tiles 2kk and 2kk+1 are exactly
-// the A fragment of k-step kk (mma.h), so P never leaves registers.
+// of kRows / 8 n-tiles (p[j], fp32; 16-bit tiles round it to T here, float tiles keep it) and B's
+// kRows rows are shared-memory rows: O = P V, dQ = dS K, dV = P^T dO, dK = dS^T Q. The C fragments
+// of n-tiles 2kk and 2kk+1 are exactly the A fragment of k-step kk (mma.h), so P never leaves
+// registers.
 template <typename T, int DP, int kRows>
-__device__ __forceinline__ void mma_accumulate_rows(float (&acc)[DP / 8][4], const float (&p)[kRows / 8][4],
-                                                    const uint16_t* rows, int lane) {
-  constexpr int kPitch = Rows<DP>::kPitch;
-  const int g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void warp_accumulate_rows(float (&acc)[DP / 8][4], const float (&p)[kRows / 8][4],
+                                                     const TileElem<T>* rows, int lane) {
+  constexpr int kPitch = Rows<T, DP>::kPitch;
+  if constexpr (kFloatTiles<T>) {
+    fma_tiles::times_rows<DP, kRows, kPitch>(acc, p, rows, lane);
+  } else {
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int kk = 0; kk < kRows / 16; ++kk) {
-    const uint32_t a[4] = {pack_f32x2<T>(p[2 * kk][0], p[2 * kk][1]), pack_f32x2<T>(p[2 * kk][2], p[2 * kk][3]),
-                           pack_f32x2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                           pack_f32x2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-    if constexpr (DP <= 128) {
-      // B[k][n] = rows[16kk + k][8n + n']: rows are the k index, hence ldmatrix .trans. Matrices:
-      // (rows +0..7, cols 8n..), (rows +8..15, cols 8n..), then the same for n + 1.
-      const uint16_t* r0 = rows + (16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)) * kPitch + 8 * (lane >> 4);
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      const uint32_t a[4] = {pack_f32x2<T>(p[2 * kk][0], p[2 * kk][1]), pack_f32x2<T>(p[2 * kk][2], p[2 * kk][3]),
+                             pack_f32x2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                             pack_f32x2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+      if constexpr (DP <= 128) {
+        // B[k][n] = rows[16kk + k][8n + n']: rows are the k index, hence ldmatrix .trans. Matrices:
+        // (rows +0..7, cols 8n..), (rows +8..15, cols 8n..), then the same for n + 1.
+        const uint16_t* r0 = rows + (16 * kk + 8 * ((lane >> 3) & 1) + (lane & 7)) * kPitch + 8 * (lane >> 4);
 #pragma unroll
-      for (int n = 0; n < DP / 8; n += 2) {
-        uint32_t vb[4];
-        ldmatrix_x4<true>(vb, r0 + 8 * n);
-        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
-        mma_m16n8k16_f32<T>(acc[n], a, b0, acc[n]);
-        mma_m16n8k16_f32<T>(acc[n + 1], a, b1, acc[n + 1]);
-      }
-    } else {
-      // DP = 256: two 16-bit loads per register (with ldmatrix ptxas spilled next to the
-      // 128-register accumulator).
-      const uint16_t* r0 = rows + (16 * kk + 2 * t) * kPitch + g;
+        for (int n = 0; n < DP / 8; n += 2) {
+          uint32_t vb[4];
+          ldmatrix_x4<true>(vb, r0 + 8 * n);
+          const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+          mma_m16n8k16_f32<T>(acc[n], a, b0, acc[n]);
+          mma_m16n8k16_f32<T>(acc[n + 1], a, b1, acc[n + 1]);
+        }
+      } else {
+        // DP = 256: two 16-bit loads per register (with ldmatrix ptxas spilled next to the
+        // 128-register accumulator).
+        const uint16_t* r0 = rows + (16 * kk + 2 * t) * kPitch + g;
 #pragma unroll
-      for (int n = 0; n < DP / 8; ++n) {
-        const uint16_t* rn = r0 + 8 * n;
-        const uint32_t bb[2] = {pack_bits(rn[0], rn[kPitch]), pack_bits(rn[8 * kPitch], rn[9 * kPitch])};
-        mma_m16n8k16_f32<T>(acc[n], a, bb, acc[n]);
+        for (int n = 0; n < DP / 8; ++n) {
+          const uint16_t* rn = r0 + 8 * n;
+          const uint32_t bb[2] = {pack_bits(rn[0], rn[kPitch]), pack_bits(rn[8 * kPitch], rn[9 * kPitch])};
+          mma_m16n8k16_f32<T>(acc[n], a, bb, acc[n]);
+        }
       }
     }
   }
@@ -253,7 +304,7 @@ __device__ __forceinline__ void mma_accumulate_rows(float (&acc)[DP / 8][4], con
 // The A fragment of k-step ks from 16 shared-memory rows (row-major, kPitch elements apart).
 template <int DP>
 __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t* first_row, int ks, int lane) {
-  constexpr int kPitch = Rows<DP>::kPitch;
+  constexpr int kPitch = Rows<__half, DP>::kPitch;
   const uint16_t* p = first_row + (lane >> 2) * kPitch + 2 * (lane & 3) + ks * 16;
   a[0] = load_u32(p);
   a[1] = load_u32(p + 8 * kPitch);
@@ -306,21 +357,25 @@ __device__ __forceinline__ ThreadRows gathered_rows(const int64_t* positions, co
   return out;
 }
 
-// The A fragments of a warp's 16 rows for every k-step, as a_frag for the products above: held in
-// registers (kInRegisters) or re-read from shared memory per use (when registers are short).
-template <int DP, bool kInRegisters>
+// The A operand of the products above: a warp's 16 rows in shared memory. For 16-bit tiles, their
+// A fragments for every k-step as a_frag: held in registers (kInRegisters) or re-read from shared
+// memory per use (when registers are short). Float tiles read the rows themselves.
+template <typename T, int DP, bool kInRegisters>
 struct OperandFragments {
-  uint32_t f[kInRegisters ? DP / 16 : 1][4];
-  const uint16_t* rows;
+  static constexpr bool kHeld = kInRegisters && !kFloatTiles<T>;
+  uint32_t f[kHeld ? DP / 16 : 1][4];
+  const TileElem<T>* rows;
   int lane;
-  __device__ __forceinline__ OperandFragments(const uint16_t* first_row, int lane_id) : rows(first_row), lane(lane_id) {
-    if constexpr (kInRegisters) {
+  __device__ __forceinline__ OperandFragments(const TileElem<T>* first_row, int lane_id)
+      : rows(first_row), lane(lane_id) {
+    if constexpr (kHeld) {
 #pragma unroll
       for (int ks = 0; ks < DP / 16; ++ks) load_a_fragment<DP>(f[ks], rows, ks, lane);
     }
   }
   __device__ __forceinline__ void operator()(int ks, uint32_t (&a)[4]) const {
-    if constexpr (kInRegisters) {
+    static_assert(!kFloatTiles<T>, "float tiles have no A fragments");
+    if constexpr (kHeld) {
       a[0] = f[ks][0], a[1] = f[ks][1], a[2] = f[ks][2], a[3] = f[ks][3];
     } else {
       load_a_fragment<DP>(a, rows, ks, lane);
@@ -329,13 +384,17 @@ struct OperandFragments {
 };
 
 // The key tiles of the forward kernels (banded_attention_forward_mma.cu,
-// global_attention_forward_mma.cu). 64 keys keep S at 32 registers per thread; at DP = 256 the O
-// accumulator alone is 128 registers, so S shrinks to 16 keys (with 32, ptxas spilled 8 bytes on
-// sm_90). Q fragments live in registers up to DP = 128 (32 registers); at 256 they are re-read
-// from shared memory per key tile to leave room for the accumulator.
-template <int DP>
+// global_attention_forward_mma.cu). 16-bit tiles: 64 keys keep S at 32 registers per thread; at
+// DP = 256 the O accumulator alone is 128 registers, so S shrinks to 16 keys (with 32, ptxas
+// spilled 8 bytes on sm_90). Q fragments live in registers up to DP = 128 (32 registers); at 256
+// they are re-read from shared memory per key tile to leave room for the accumulator. Float tiles
+// (head dims up to 128) take twice the bytes per row: 64, 32 and 16 keys at DP = 32, 64 and 128
+// keep a block's shared memory at 46, 52 and 66 KiB (under the 99 KiB that every sm_80+ GPU
+// allows a block, and 3-4 blocks per SM on an H100).
+template <typename T, int DP>
 struct ForwardShape {
-  static constexpr int kBlockK = DP <= 128 ? 64 : 16;
+  static_assert(!kFloatTiles<T> || DP <= 128, "float tiles take head dims up to 128");
+  static constexpr int kBlockK = kFloatTiles<T> ? (DP == 32 ? 64 : (DP == 64 ? 32 : 16)) : (DP <= 128 ? 64 : 16);
   static constexpr bool kQInRegisters = DP <= 128;
 };
 
@@ -352,12 +411,13 @@ struct OnlineSoftmaxRows {
   float row_sum[2] = {0.0f, 0.0f};
 
   // One key tile in shared memory: S = Q K^T, masked by allowed(i, c) (-inf: exp2 gives exactly 0),
-  // rescale by the new max, P = exp2(x - max) rounded to 16 bits as the A fragment, O += P V.
+  // rescale by the new max, P = exp2(x - max) (16-bit tiles: rounded to 16 bits as the A
+  // fragment), O += P V.
   template <typename QFragments, typename Allowed>
-  __device__ __forceinline__ void absorb(const QFragments& q, const uint16_t* sK, const uint16_t* sV,
+  __device__ __forceinline__ void absorb(const QFragments& q, const TileElem<T>* sK, const TileElem<T>* sV,
                                          float scale_log2, Allowed&& allowed, int lane) {
     float s[kNT][4] = {};
-    mma_times_rows_transposed<T, DP, kNT>(s, q, sK, lane);
+    warp_times_rows_transposed<T, DP, kNT>(s, q, sK, lane);
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kNT; ++j) {
@@ -397,7 +457,7 @@ struct OnlineSoftmaxRows {
         row_sum[e >> 1] += pv;
       }
     }
-    mma_accumulate_rows<T, DP, kBlockK>(o, s, sV, lane);
+    warp_accumulate_rows<T, DP, kBlockK>(o, s, sV, lane);
   }
 
   // After the last tile: each row's full sum over its quad.
@@ -412,15 +472,15 @@ struct OnlineSoftmaxRows {
   __device__ __forceinline__ float lse(int i) const {
     return row_max[i] * 0.693147180559945309f + logf(row_sum[i]);
   }
-  // This thread's columns of row i, normalised, into a row of D 16-bit elements (after finish()).
-  __device__ __forceinline__ void store_row(int i, uint16_t* dst, int64_t D, int lane) const {
+  // This thread's columns of row i, normalised, into a row of D elements (after finish()).
+  __device__ __forceinline__ void store_row(int i, TileElem<T>* dst, int64_t D, int lane) const {
     const float inv = 1.0f / row_sum[i];
     const int t = lane & 3;
 #pragma unroll
     for (int n = 0; n < kON; ++n) {
       const int col = 8 * n + 2 * t;
-      if (col < D) dst[col] = float_to_bits<T>(o[n][2 * i] * inv);
-      if (col + 1 < D) dst[col + 1] = float_to_bits<T>(o[n][2 * i + 1] * inv);
+      if (col < D) dst[col] = float_to_elem<T>(o[n][2 * i] * inv);
+      if (col + 1 < D) dst[col + 1] = float_to_elem<T>(o[n][2 * i + 1] * inv);
     }
   }
 };
@@ -441,9 +501,10 @@ struct OnlineSoftmaxRows {
 // and delta (values(stage, 0 / 1)), and a query whose lse is -inf (it saw no key) counts as
 // excluded. The global rows' kernels use band tiles of the undilated sequence (residue 0,
 // dilation 1) over a key or query range given to setup_band, with gathered rows (gathered_rows).
-template <int DP, int kBlockK, bool kQueryRows = false>
+template <typename T, int DP, int kBlockK, bool kQueryRows = false>
 struct KeyTilePipeline {
-  using R = Rows<DP>;
+  using E = TileElem<T>;
+  using R = Rows<T, DP>;
   static constexpr int kTileRows = kBlockK;
   static constexpr int kStages = 2;
   static constexpr int64_t kKVBytes = R::bytes(kBlockK);
@@ -510,12 +571,8 @@ struct KeyTilePipeline {
     band_tiles = band_end > band_begin ? (band_end - band_begin + kBlockK - 1) / kBlockK : 0;
     tiles = band_tiles + (global_count + kBlockK - 1) / kBlockK;
   }
-  __device__ __forceinline__ uint16_t* k_stage(int s) const {
-    return reinterpret_cast<uint16_t*>(smem + kKOffset + s * kKVBytes);
-  }
-  __device__ __forceinline__ uint16_t* v_stage(int s) const {
-    return reinterpret_cast<uint16_t*>(smem + kVOffset + s * kKVBytes);
-  }
+  __device__ __forceinline__ E* k_stage(int s) const { return reinterpret_cast<E*>(smem + kKOffset + s * kKVBytes); }
+  __device__ __forceinline__ E* v_stage(int s) const { return reinterpret_cast<E*>(smem + kVOffset + s * kKVBytes); }
   __device__ __forceinline__ int64_t* key_pos(int s) const {
     return reinterpret_cast<int64_t*>(smem + kKeyPosOffset) + s * kBlockK;
   }
@@ -529,13 +586,13 @@ struct KeyTilePipeline {
   __device__ __forceinline__ void issue(int64_t tile) const {
     if (tile < tiles) {
       const int s = static_cast<int>(tile % kStages);
-      uint16_t* sK = k_stage(s);
-      uint16_t* sV = v_stage(s);
+      E* sK = k_stage(s);
+      E* sV = v_stage(s);
       const bool band = tile < band_tiles;
       const int64_t first_index = band ? band_begin + tile * kBlockK : (tile - band_tiles) * kBlockK;
       const uint8_t* roles = p->roles + b * p->seqlen;
-      const uint16_t* k_base = static_cast<const uint16_t*>(first->data);
-      const uint16_t* v_base = static_cast<const uint16_t*>(second->data);
+      const E* k_base = static_cast<const E*>(first->data);
+      const E* v_base = static_cast<const E*>(second->data);
       for (int c = static_cast<int>(threadIdx.x); c < kBlockK * R::kChunks; c += kThreads) {
         const int row = c / R::kChunks, chunk = c % R::kChunks;
         const int64_t index = first_index + row;
@@ -564,10 +621,10 @@ struct KeyTilePipeline {
           key_ok(s)[row] = ok;
           key_pos(s)[row] = pos;
         }
-        stage_row_chunk(sK + row * R::kPitch, ok ? k_base + head_row_offset(*first, b, h, pos) : nullptr, chunk, D,
-                        vec, k_base);
-        stage_row_chunk(sV + row * R::kPitch, ok ? v_base + head_row_offset(*second, b, h, pos) : nullptr, chunk, D,
-                        vec, v_base);
+        stage_row_chunk<T>(sK + row * R::kPitch, ok ? k_base + head_row_offset(*first, b, h, pos) : nullptr, chunk,
+                           D, vec, k_base);
+        stage_row_chunk<T>(sV + row * R::kPitch, ok ? v_base + head_row_offset(*second, b, h, pos) : nullptr,
+                           chunk, D, vec, v_base);
       }
     }
     cp_async_commit();
@@ -596,8 +653,8 @@ struct KeyTilePipeline {
       cp_async_wait<1>();  // this thread's copies of `tile` landed (only tile + 1 may be in flight)
       __syncthreads();     // ... and every other thread's
       const int s = static_cast<int>(tile % kStages);
-      const uint16_t* sK = k_stage(s);
-      const uint16_t* sV = v_stage(s);
+      const E* sK = k_stage(s);
+      const E* sV = v_stage(s);
       const unsigned char* ok = key_ok(s);
       const bool band = tile < band_tiles;
       const int64_t kt0 = band_begin + tile * kBlockK;

@@ -36,11 +36,12 @@ DType kernel_dtype(const at::Tensor& t) {
   }
 }
 
-// Whether float16/bfloat16 run on tensor cores: yes unless `variable` (LONGFORMER_CUDA_FORWARD,
+// Whether the tiled kernels run (launchers.h; tensor cores for float16/bfloat16, FMA tiles for
+// float32, each where its *_mma_supports allows): yes unless `variable` (LONGFORMER_CUDA_FORWARD,
 // LONGFORMER_CUDA_BACKWARD) says simt (kept so the two paths can be compared on the same inputs;
-// float32/float64 always use SIMT).
-bool use_tensor_cores(DType dtype, const char* variable) {
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+// float64 always uses SIMT).
+bool use_tiled_kernels(DType dtype, const char* variable) {
+  if (dtype == DType::kFloat64) return false;
   const char* choice = std::getenv(variable);
   if (choice == nullptr || std::strcmp(choice, "mma") == 0 || std::strcmp(choice, "auto") == 0) return true;
   TORCH_CHECK(std::strcmp(choice, "simt") == 0, "longformer: ", variable, " must be auto, mma or simt, got ", choice);
@@ -145,8 +146,8 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (prep.empty) return {out, lse};
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
-  const bool tensor_cores = use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_FORWARD");
-  if (tensor_cores) {
+  const bool tiled = use_tiled_kernels(prep.dtype, "LONGFORMER_CUDA_FORWARD");
+  if (tiled && banded_attention_forward_mma_supports(prep.params, prep.dtype)) {
     glue_check(banded_attention_forward_mma(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
   } else {
     glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
@@ -154,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   if (global_attention_mask) {  // the global rows, into the same out and lse
     const AttentionParams g = global_rows_params(prep.params, global_q, global_k, global_v);
     at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(g, prep.dtype), q);
-    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, tensor_cores,
-                                        glue_stream(q)),
+    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, tiled, glue_stream(q)),
                "banded_attn (global rows)");
   }
   return {out, lse};
@@ -191,13 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t bytes = std::max(banded_attention_backward_workspace_bytes(p, prep.dtype),
                                  global_attention_mask ? global_attention_backward_workspace_bytes(g, prep.dtype) : 0);
   at::Tensor scratch = workspace(bytes, q);
-  const bool tensor_cores = use_tensor_cores(prep.dtype, "LONGFORMER_CUDA_BACKWARD");
-  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, tensor_cores, glue_stream(q)),
+  const bool tiled = use_tiled_kernels(prep.dtype, "LONGFORMER_CUDA_BACKWARD");
+  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, tiled, glue_stream(q)),
              "banded_attn_backward");
   if (global_attention_mask) {
     // Without projections the global rows' dK, dV add to the local rows' (same tensors).
     glue_check(global_attention_backward(g, prep.globals, scratch.data_ptr(), prep.dtype,
-                                         /*accumulate=*/!projections, tensor_cores, glue_stream(q)),
+                                         /*accumulate=*/!projections, tiled, glue_stream(q)),
                "banded_attn_backward (global rows)");
   }
   return {dq, dk, dv, dgq, dgk, dgv};
