@@ -82,6 +82,29 @@ def test_cuda_both_half_backward_paths(backward, dim, monkeypatch):
                                globals="many", padding=True, causal=dim == 128, dtype=torch.bfloat16, seed=77))
 
 
+@pytest.mark.parametrize("path", ["simt", "mma", "tf32"])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_cuda_float32_paths(path, dim, monkeypatch):
+    """float32 on the FMA tiles (the default; backward tiled for D <= 64), on SIMT, and as TF32 when
+    PyTorch allows it (within 2 * 2^-10 of 1 + max |oracle|, the bound of test_cuda_emulated.py)."""
+    if path == "simt":
+        monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", "simt")
+        monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", "simt")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", path == "tf32")
+    case = Case(batch=2, heads=2, seqlen=1537, dim=dim, window=(200, 70), dilation=[1, 3], globals="many",
+                padding=True, causal=dim == 128, global_projections=dim == 64, dtype=torch.float32, seed=79)
+    if path != "tf32":
+        _check_against_oracle(case)
+        return
+    tensors, kwargs = _inputs(case)
+    out, grads, grad = _run(case, tensors, kwargs)
+    cpu, cpu_kwargs = _replace(tensors, kwargs, lambda t: t.detach().cpu().double().requires_grad_())
+    cpu_kwargs = {key: (val.cpu() if torch.is_tensor(val) else val) for key, val in cpu_kwargs.items()}
+    expected = dense_attention(*cpu[:3], case.window, **cpu_kwargs)
+    for a, e in zip([out, *grads], [expected, *torch.autograd.grad(expected, cpu, grad.cpu().double())]):
+        assert (a.cpu().double() - e).abs().max().item() <= 2 * 2.0 ** -10 * (1 + e.abs().max().item())
+
+
 @pytest.mark.parametrize("path", ["simt", "mma"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_global_rows_in_chunks(path, causal, monkeypatch):

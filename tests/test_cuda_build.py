@@ -125,7 +125,8 @@ MMA_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_
 MMA_BACKWARD_SHUFFLES = 0
 # The float32 instantiations of the tiled kernels (exact fp32 on FMA, fma_tiles.h): 160-168
 # registers everywhere today (nvcc 13.0, sm_80 and sm_90); 168 is the most that leaves 3 blocks
-# (12 warps) per SM, so the budget is that.
+# (12 warps) per SM, so the budget is that. Their TF32 instantiations (tf32_tiles.h) take 116-168,
+# except the forward at D = 32 on sm_90 (185: 2 blocks per SM).
 FLOAT_TILE_REGISTERS = {
     "banded_attention_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
     "global_rows_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
@@ -144,6 +145,9 @@ FLOAT_TILE_SHUFFLES = {
     "global_rows_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
     **{kernel: {32: 96, 64: 96} for kernel in MMA_BACKWARD_KERNELS},
 }
+TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
+TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
+TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
 SIMT_REGISTERS = 128
 SIMT_FLOAT64_REGISTERS = 240
 
@@ -160,9 +164,10 @@ def test_no_local_memory_in_any_kernel():
 
 def test_registers_within_budget():
     for (arch, name), (registers, _, _) in _resources().items():
-        match = re.search(r"(\w+_mma_kernel)<(\w+), (\d+)>", name)
+        match = re.search(r"(\w+_mma_kernel)<([\w:]+), (\d+)>", name)
         if match:
-            budgets = FLOAT_TILE_REGISTERS if match.group(2) == "float" else MMA_REGISTERS
+            budgets = {"__half": MMA_REGISTERS, "__nv_bfloat16": MMA_REGISTERS, "float": FLOAT_TILE_REGISTERS,
+                       TF32_TILES: TF32_TILE_REGISTERS}[match.group(2)]
             budget = budgets[match.group(1)][int(match.group(3))]
         else:
             budget = SIMT_FLOAT64_REGISTERS if "<double" in name else SIMT_REGISTERS
@@ -178,8 +183,8 @@ def test_tiled_forward_pipelines_its_tiles_with_cp_async():
     for arch in ARCHS:
         for kernel in MMA_FORWARD_KERNELS:
             kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
-            assert len(kernels) == 11, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float x 3 on {arch}, "
-                                        f"found {sorted(kernels)}")
+            assert len(kernels) == 14, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3 on "
+                                        f"{arch}, found {sorted(kernels)}")
             for name, text in kernels.items():
                 # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -228,3 +233,16 @@ def test_float_tiles_are_exact_fp32_fma():
                 shuffles = len(re.findall(r"\bSHFL\.", text))
                 budget = FLOAT_TILE_SHUFFLES[kernel][int(re.search(r"<float, (\d+)>", name).group(1))]
                 assert shuffles <= budget, f"{name} on {arch}: {shuffles} SHFL instructions, budget {budget}"
+
+
+def test_tf32_tiles_use_tensor_cores():
+    """The TF32 instantiations (float32 inputs under allow_tf32) multiply on tensor cores
+    (HMMA ... TF32) and take their tiles through cp.async."""
+    sass = _per_function(_dump("--dump-sass"), r"\s*Function : (\S+)")
+    for arch in ARCHS:
+        for kernel, tiles in FLOAT_TILE_REGISTERS.items():
+            found = {name: text for (a, name), text in sass.items() if a == arch and f"{kernel}<{TF32_TILES}," in name}
+            assert len(found) == len(tiles), f"expected {len(tiles)} TF32 head-dim tiles of {kernel} on {arch}"
+            for name, text in found.items():
+                assert re.search(r"HMMA\.1688\.F32\.TF32", text), f"{name} on {arch} has no TF32 HMMA"
+                assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"

@@ -200,6 +200,66 @@ def test_both_backward_paths(dtype, backward, monkeypatch):
         check_against_oracle(case, *make_inputs(case))
 
 
+# TF32 (opt-in): every operand rounded to 10 mantissa bits (unit roundoff 2^-11) before the
+# products; measured here up to 6e-4 of 1 + max |oracle| on outputs and gradients.
+TF32_BOUND = 2 * 2.0 ** -10
+
+
+def _outputs_and_grads(case, q, k, v, kwargs):
+    tensors = _tensors(q, k, v, kwargs)
+    with cuda_emulation():
+        out = longformer_attention(q, k, v, case.window, **kwargs)
+        grads = torch.autograd.grad(out, tensors, torch.ones_like(out))
+    return [out, *grads]
+
+
+@contextlib.contextmanager
+def _tf32_allowed(how):
+    """PyTorch's own switches for TF32 matmuls, restored afterwards."""
+    old_flag, old_precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        if how == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+        torch.backends.cuda.matmul.allow_tf32 = old_flag
+
+
+@pytest.mark.parametrize("how", ["allow_tf32", "matmul_precision"])
+def test_tf32_is_opt_in_through_pytorchs_setting(how, monkeypatch):
+    """float32 is exact unless PyTorch allows TF32 matmuls; then the tiled kernels (forward and
+    backward, local and global rows) run as TF32 within TF32_BOUND of the oracle, and the SIMT
+    kernels stay exact (bit for bit)."""
+    rng = random.Random(17)
+    for i in range(4):
+        case = random_small_case(rng, 1700 + i)
+        case.dtype, case.dim = torch.float32, [32, 64, 40, 16][i]
+        q, k, v, kwargs = make_inputs(case)
+        exact = _outputs_and_grads(case, q, k, v, kwargs)
+        with _tf32_allowed(how):
+            tf32 = _outputs_and_grads(case, q, k, v, kwargs)
+        with monkeypatch.context() as m:
+            m.setenv("LONGFORMER_CUDA_FORWARD", "simt")
+            m.setenv("LONGFORMER_CUDA_BACKWARD", "simt")
+            simt_exact = _outputs_and_grads(case, q, k, v, kwargs)
+            with _tf32_allowed(how):
+                simt_tf32 = _outputs_and_grads(case, q, k, v, kwargs)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        copies, oracle_kwargs = _with(_tensors(q, k, v, kwargs), kwargs, lambda t: t.detach().double().requires_grad_())
+        expected = dense_attention(*copies[:3], case.window, **oracle_kwargs)
+        oracle = [expected, *torch.autograd.grad(expected, copies, torch.ones_like(expected))]
+        assert any(not torch.equal(a, b) for a, b in zip(exact, tf32)), f"{case}: TF32 changed nothing"
+        for a, b, e in zip(tf32, exact, oracle):
+            scale = 1 + (e.abs().max().item() if e.numel() else 0.0)
+            assert (a.double() - e).abs().max().item() <= TF32_BOUND * scale, f"{case}: TF32 error"
+            assert (b.double() - e).abs().max().item() <= 1e-5 * scale, f"{case}: float32 error"
+        for a, b in zip(simt_tf32, simt_exact):
+            assert torch.equal(a, b), f"{case}: the SIMT kernels changed under TF32"
+
+
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_thread_order_does_not_matter(order, monkeypatch):
     """Fibers run in reversed or shuffled order between barriers: a missing barrier shows here."""

@@ -274,7 +274,7 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (dtype == DType::kFloat32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
@@ -287,6 +287,8 @@ int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKe
       return dispatch_head_dim<__nv_bfloat16>(p, g, delta, stream);
     case DType::kFloat32:
       return dispatch_head_dim<float>(p, g, delta, stream);
+    case DType::kFloat32Tf32:
+      return dispatch_head_dim<Tf32>(p, g, delta, stream);
     default:
       return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }
@@ -301,6 +303,8 @@ int banded_attention_backward_mma_global_keys(const AttentionParams& p, const Gl
       return dispatch_global_keys<__nv_bfloat16>(p, g, workspace, stream);
     case DType::kFloat32:
       return dispatch_global_keys<float>(p, g, workspace, stream);
+    case DType::kFloat32Tf32:
+      return dispatch_global_keys<Tf32>(p, g, workspace, stream);
     default:
       return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }

@@ -128,7 +128,7 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* strea
 }  // namespace
 
 bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (dtype == DType::kFloat32) return p.head_dim <= 128;
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }
 
@@ -141,6 +141,8 @@ int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, 
       return dispatch_head_dim<__nv_bfloat16>(p, g, stream);
     case DType::kFloat32:
       return dispatch_head_dim<float>(p, g, stream);
+    case DType::kFloat32Tf32:
+      return dispatch_head_dim<Tf32>(p, g, stream);
     default:
       return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
   }

@@ -182,7 +182,7 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
 }  // namespace
 
 bool global_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (dtype == DType::kFloat32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
@@ -191,6 +191,7 @@ int global_attention_backward_mma(const AttentionParams& p, const GlobalKeys& g,
   if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, accumulate, stream);
   if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, accumulate, stream);
   if (dtype == DType::kFloat32) return dispatch_head_dim<float>(p, g, split, workspace, accumulate, stream);
+  if (dtype == DType::kFloat32Tf32) return dispatch_head_dim<Tf32>(p, g, split, workspace, accumulate, stream);
   return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
 }
 

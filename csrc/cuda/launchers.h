@@ -11,7 +11,9 @@
 
 namespace longformer::cuda {
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+// kFloat32Tf32: float32 tensors whose tiled products may run as TF32 on tensor cores (the op glue
+// passes it when PyTorch allows TF32 matmuls); the SIMT kernels compute it in full fp32.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32Tf32 = 4 };
 
 // A [B, N] mask of any integer or bool dtype, read as raw elements (nonzero = set), strides in
 // elements; data null: no mask (every element set).
@@ -43,8 +45,8 @@ struct GlobalKeys {
 // Two families of kernels. SIMT: one warp per row (every dtype and head dim; the float64 path).
 // Tiled (the *_mma kernels, mma_tiles.h): blocks of 64 rows that walk tiles of 64 or fewer keys
 // through a cp.async pipeline, multiplying on tensor cores (mma.sync m16n8k16, fp32 accumulation)
-// for float16/bfloat16 and on FMA in the same fragment layout for float32 (exact fp32); each
-// *_mma_supports says which inputs a tiled kernel takes.
+// for float16/bfloat16 and on FMA in the same fragment layout for float32 (exact fp32; as TF32 on
+// tensor cores for kFloat32Tf32); each *_mma_supports says which inputs a tiled kernel takes.
 
 // Local rows, SIMT: band keys plus every global key.
 int banded_attention_forward_simt(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream);

@@ -1,5 +1,5 @@
-// Tensor-core matrix multiply-accumulate (mma.sync m16n8k16, row.col, fp32 accumulation) behind a
-// wrapper, plus the 16-bit packing helpers the fragments need.
+// Tensor-core matrix multiply-accumulate (mma.sync m16n8k16 for f16/bf16 and m16n8k8 for TF32,
+// row.col, fp32 accumulation) behind a wrapper, plus the packing helpers the fragments need.
 //
 // Why a wrapper: the host emulation (emulation/host_cuda.h) runs kernel source on the CPU and cannot
 // execute inline PTX. Under LONGFORMER_HOST_EMULATION the same call gathers the 32 lanes' fragments
@@ -152,6 +152,29 @@ __device__ __forceinline__ void mma_m16n8k16_f32(float d[4], const uint32_t a[4]
   }
 }
 
+// d = a * b + c for one warp with TF32 inputs (mma.sync m16n8k8 .tf32); a: 16x8, b: 8x8, c, d:
+// 16x8 fp32, elements from float_to_tf32. Fragment layouts (PTX ISA, "Matrix fragments for
+// mma.m16n8k8" with .tf32), one element per register:
+//   A: a[0] = A[g][t]   a[1] = A[g+8][t]   a[2] = A[g][t+4]   a[3] = A[g+8][t+4]
+//   B: b[0] = B[t][g]   b[1] = B[t+4][g]
+//   C, D: as for m16n8k16.
+__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2],
+                                                 const float c[4]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+        "f"(c[3]));
+}
+
+// fp32 to TF32 (cvt.rna.tf32.f32: 10 mantissa bits, round to nearest with ties away from zero), as
+// the 32-bit register the mma takes.
+__device__ __forceinline__ uint32_t float_to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
 #else  // LONGFORMER_HOST_EMULATION
 
 namespace mma_detail {
@@ -204,6 +227,46 @@ inline void mma_m16n8k16_f32(float d[4], const uint32_t a[4], const uint32_t b[2
     out[i] = acc + c[i];
   }
   for (int i = 0; i < 4; ++i) d[i] = out[i];  // d may alias c
+}
+
+// The rounding of cvt.rna.tf32.f32 on the bit pattern: adding half of the dropped 13 bits' unit
+// rounds the magnitude half up, i.e. ties away from zero; inf and NaN pass unchanged.
+inline uint32_t float_to_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x1000u;
+  return u & 0xffffe000u;
+}
+
+inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  constexpr unsigned kFull = 0xffffffffu;
+  const int lane = mma_detail::lane_id();
+  const int g = lane >> 2, t = lane & 3;
+  // Rows g and g+8 of A from lanes 4g..4g+3; columns 2t and 2t+1 of B from lanes 4(2t+e)+u.
+  float arow[2][8];
+  for (int u = 0; u < 4; ++u) {
+    for (int reg = 0; reg < 4; ++reg) {
+      const uint32_t v = __shfl_sync(kFull, a[reg], 4 * g + u);
+      std::memcpy(&arow[reg & 1][u + 4 * (reg >> 1)], &v, sizeof(v));
+    }
+  }
+  float bcol[2][8];
+  for (int e = 0; e < 2; ++e) {
+    for (int u = 0; u < 4; ++u) {
+      for (int reg = 0; reg < 2; ++reg) {
+        const uint32_t v = __shfl_sync(kFull, b[reg], 4 * (2 * t + e) + u);
+        std::memcpy(&bcol[e][u + 4 * reg], &v, sizeof(v));
+      }
+    }
+  }
+  // Products of two TF32 values are exact in fp32; the sum runs in a fixed order (k = 0..7, then c).
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    float acc = 0.0f;
+    for (int k = 0; k < 8; ++k) acc += arow[i >> 1][k] * bcol[i & 1][k];
+    out[i] = acc + c[i];
+  }
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
 #endif  // LONGFORMER_HOST_EMULATION

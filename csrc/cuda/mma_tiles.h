@@ -1,9 +1,9 @@
 // What the tiled attention kernels (the *_mma.cu files) share: the block decomposition over
 // dilation residues, the shared-memory row layout, the two warp-level tile products, and the
 // pipeline of key tiles that a block of 64 query rows walks (band tiles, then tiles of gathered
-// global keys). Every piece takes the op's dtype T: float16 / bfloat16 tiles hold 16-bit patterns
+// global keys). Every piece takes the tiles' type T: float16 / bfloat16 tiles hold 16-bit patterns
 // and multiply on tensor cores (mma.h); float32 tiles hold floats and multiply on FMA in the same
-// fragment layout (fma_tiles.h), exact fp32.
+// fragment layout (fma_tiles.h), exact fp32, or, as Tf32, on tensor cores as TF32 (tf32_tiles.h).
 //
 // Block decomposition. With dilation d, position i only meets band positions j = i (mod d): the
 // dilated band over N positions is d undilated bands over the strided subsequences r, r + d,
@@ -19,6 +19,7 @@
 #include "fma_tiles.h"
 #include "launchers.h"
 #include "mma.h"
+#include "tf32_tiles.h"
 
 #ifdef LONGFORMER_HOST_EMULATION
 #define LONGFORMER_MMA_BOUNDS(T)
@@ -27,7 +28,7 @@
 // at least one resident block: without it ptxas aimed at 128 registers and spilled 8-16 bytes to
 // local memory in some instantiations. The 16-bit tiles give no minimum (0), which keeps the
 // counts their budgets were set with (with 1, ptxas took up to 21 more, a block fewer per SM).
-#define LONGFORMER_MMA_BOUNDS(T) __launch_bounds__(128, std::is_same_v<T, float> ? 1 : 0)
+#define LONGFORMER_MMA_BOUNDS(T) __launch_bounds__(128, longformer::cuda::mma_tiles::kFloatTiles<T> ? 1 : 0)
 #endif
 
 namespace longformer::cuda::mma_tiles {
@@ -37,12 +38,17 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kBlockRows = kWarps * 16;  // rows per block: 16 per warp
 constexpr unsigned kFull = 0xffffffffu;
 
-// The element of a tile in shared memory for op dtype T: the 16-bit pattern of a float16 /
-// bfloat16 value (kernels never do arithmetic on those types themselves), or a float.
+// The tiles' type of float32 inputs whose products run as TF32 (DType::kFloat32Tf32).
+struct Tf32 {};
+
+// Tiles of float32 inputs (T = float: exact FMA products; T = Tf32: TF32 tensor cores).
 template <typename T>
-using TileElem = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+constexpr bool kFloatTiles = std::is_same_v<T, float> || std::is_same_v<T, Tf32>;
+
+// The element of a tile in shared memory: the 16-bit pattern of a float16 / bfloat16 value
+// (kernels never do arithmetic on those types themselves), or a float.
 template <typename T>
-constexpr bool kFloatTiles = std::is_same_v<T, float>;
+using TileElem = std::conditional_t<kFloatTiles<T>, float, uint16_t>;
 
 template <typename T>
 __device__ __forceinline__ float elem_to_float(TileElem<T> x) {
@@ -223,7 +229,9 @@ template <typename T, int DP, int kNT, typename AFrag>
 __device__ __forceinline__ void warp_times_rows_transposed(float (&acc)[kNT][4], AFrag&& a_frag,
                                                            const TileElem<T>* rows, int lane) {
   constexpr int kPitch = Rows<T, DP>::kPitch;
-  if constexpr (kFloatTiles<T>) {
+  if constexpr (std::is_same_v<T, Tf32>) {
+    tf32_tiles::times_rows_transposed<DP, kNT, kPitch>(acc, a_frag.rows, rows, lane);
+  } else if constexpr (kFloatTiles<T>) {
     fma_tiles::times_rows_transposed<DP, kNT, kPitch>(acc, a_frag.rows, rows, lane);
   } else {
     const int g = lane >> 2, t = lane & 3;
@@ -257,7 +265,8 @@ __device__ __forceinline__ void warp_times_rows_transposed(float (&acc)[kNT][4],
 }
 
 // acc[n] += P B for the DP / 8 n-tiles of B's columns, where P is 16 x kRows given as C fragments
-// of kRows / 8 n-tiles (p[j], fp32; 16-bit tiles round it to T here, float tiles keep it) and B's
+// of kRows / 8 n-tiles (p[j], fp32; 16-bit tiles round it to T here, float tiles keep it, Tf32
+// rounds it to TF32) and B's
 // kRows rows are shared-memory rows: O = P V, dQ = dS K, dV = P^T dO, dK = dS^T Q. The C fragments
 // of n-tiles 2kk and 2kk+1 are exactly the A fragment of k-step kk (mma.h), so P never leaves
 // registers.
@@ -265,7 +274,9 @@ template <typename T, int DP, int kRows>
 __device__ __forceinline__ void warp_accumulate_rows(float (&acc)[DP / 8][4], const float (&p)[kRows / 8][4],
                                                      const TileElem<T>* rows, int lane) {
   constexpr int kPitch = Rows<T, DP>::kPitch;
-  if constexpr (kFloatTiles<T>) {
+  if constexpr (std::is_same_v<T, Tf32>) {
+    tf32_tiles::times_rows<DP, kRows, kPitch>(acc, p, rows, lane);
+  } else if constexpr (kFloatTiles<T>) {
     fma_tiles::times_rows<DP, kRows, kPitch>(acc, p, rows, lane);
   } else {
     const int g = lane >> 2, t = lane & 3;

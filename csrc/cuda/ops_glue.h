@@ -48,6 +48,14 @@ bool use_tiled_kernels(DType dtype, const char* variable) {
   return false;
 }
 
+// The attention kernels' dtype: float32 becomes kFloat32Tf32 (its tiled products as TF32 on tensor
+// cores) where PyTorch allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32, or
+// torch.set_float32_matmul_precision("high" / "medium")). Read at every call, on the host, from the
+// same global context cuBLAS reads, so it follows the setting under torch.compile too.
+DType attention_dtype(DType dtype) {
+  return dtype == DType::kFloat32 && at::globalContext().allowTF32CuBLAS() ? DType::kFloat32Tf32 : dtype;
+}
+
 MaskView mask_view(const std::optional<at::Tensor>& mask) {
   if (!mask) return {};
   return MaskView{mask->data_ptr(), mask->stride(0), mask->stride(1), static_cast<int>(mask->element_size())};
@@ -147,15 +155,16 @@ std::tuple<at::Tensor, at::Tensor> banded_attn(const at::Tensor& q, const at::Te
   prep.params.out = heads_view(out);
   prep.params.lse = lse.data_ptr();
   const bool tiled = use_tiled_kernels(prep.dtype, "LONGFORMER_CUDA_FORWARD");
-  if (tiled && banded_attention_forward_mma_supports(prep.params, prep.dtype)) {
-    glue_check(banded_attention_forward_mma(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
+  const DType dtype = attention_dtype(prep.dtype);
+  if (tiled && banded_attention_forward_mma_supports(prep.params, dtype)) {
+    glue_check(banded_attention_forward_mma(prep.params, prep.globals, dtype, glue_stream(q)), "banded_attn");
   } else {
     glue_check(banded_attention_forward_simt(prep.params, prep.globals, prep.dtype, glue_stream(q)), "banded_attn");
   }
   if (global_attention_mask) {  // the global rows, into the same out and lse
     const AttentionParams g = global_rows_params(prep.params, global_q, global_k, global_v);
     at::Tensor scratch = workspace(global_attention_forward_workspace_bytes(g, prep.dtype), q);
-    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), prep.dtype, tiled, glue_stream(q)),
+    glue_check(global_attention_forward(g, prep.globals, scratch.data_ptr(), dtype, tiled, glue_stream(q)),
                "banded_attn (global rows)");
   }
   return {out, lse};
@@ -192,11 +201,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                  global_attention_mask ? global_attention_backward_workspace_bytes(g, prep.dtype) : 0);
   at::Tensor scratch = workspace(bytes, q);
   const bool tiled = use_tiled_kernels(prep.dtype, "LONGFORMER_CUDA_BACKWARD");
-  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), prep.dtype, tiled, glue_stream(q)),
+  const DType dtype = attention_dtype(prep.dtype);
+  glue_check(banded_attention_backward(p, prep.globals, scratch.data_ptr(), dtype, tiled, glue_stream(q)),
              "banded_attn_backward");
   if (global_attention_mask) {
     // Without projections the global rows' dK, dV add to the local rows' (same tensors).
-    glue_check(global_attention_backward(g, prep.globals, scratch.data_ptr(), prep.dtype,
+    glue_check(global_attention_backward(g, prep.globals, scratch.data_ptr(), dtype,
                                          /*accumulate=*/!projections, tiled, glue_stream(q)),
                "banded_attn_backward (global rows)");
   }

@@ -270,7 +270,8 @@ struct TypeTag {
 template <typename F>
 inline int dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kFloat32: return f(TypeTag<float>{});
+    case DType::kFloat32:
+    case DType::kFloat32Tf32: return f(TypeTag<float>{});  // SIMT: full fp32 either way
     case DType::kFloat64: return f(TypeTag<double>{});
     case DType::kFloat16: return f(TypeTag<__half>{});
     case DType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
