@@ -125,16 +125,13 @@ MMA_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_
 MMA_BACKWARD_SHUFFLES = 0
 # The float32 instantiations of the tiled kernels (exact fp32 on FMA, fma_tiles.h): 160-168
 # registers everywhere today (nvcc 13.0, sm_80 and sm_90); 168 is the most that leaves 3 blocks
-# (12 warps) per SM, so the budget is that. Their TF32 instantiations (tf32_tiles.h) take 116-168,
+# (12 warps) per SM, so the budget is that; the backward at D = 128 takes 168-244, and its 100 KiB
+# of shared memory allow 2 blocks per SM on an H100 whatever the count. Their TF32 instantiations (tf32_tiles.h) take 116-168,
 # except the forward at D = 32 on sm_90 (185: 2 blocks per SM).
 FLOAT_TILE_REGISTERS = {
     "banded_attention_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
     "global_rows_forward_mma_kernel": {32: 168, 64: 168, 128: 168},
-    "local_dq_mma_kernel": {32: 168, 64: 168},
-    "local_dkdv_mma_kernel": {32: 168, 64: 168},
-    "global_keys_dkdv_mma_kernel": {32: 168, 64: 168},
-    "global_dq_mma_kernel": {32: 168, 64: 168},
-    "global_dkdv_mma_kernel": {32: 168, 64: 168},
+    **{kernel: {32: 168, 64: 168, 128: 255} for kernel in MMA_BACKWARD_KERNELS},
 }
 # Their SHFL instructions (static count in the SASS): the quads' exchange of P in P V (4 per loop
 # iteration, more where the compiler unrolls a loop over P's n-tiles) and the softmax's quad
@@ -143,7 +140,7 @@ FLOAT_TILE_REGISTERS = {
 FLOAT_TILE_SHUFFLES = {
     "banded_attention_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
     "global_rows_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
-    **{kernel: {32: 96, 64: 96} for kernel in MMA_BACKWARD_KERNELS},
+    **{kernel: {32: 96, 64: 96, 128: 96} for kernel in MMA_BACKWARD_KERNELS},
 }
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}

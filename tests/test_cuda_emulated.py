@@ -190,7 +190,8 @@ def test_non_finite_padding_rows_change_nothing(dtype, forward, fill, monkeypatc
 @pytest.mark.parametrize("backward", ["simt", "mma"])
 def test_both_backward_paths(dtype, backward, monkeypatch):
     """The tiled backward of the local rows (tensor cores for float16/bfloat16 with D <= 128: tiles
-    32, 64, 128; FMA tiles for float32 with D <= 64) and the SIMT one each meet the bound."""
+    32, 64, 128; FMA tiles for float32 with D <= 128 on the emulated 227 KiB GPU) and the SIMT one
+    each meet the bound."""
     monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", backward)
     rng = random.Random(8)
     for i, dim in enumerate([32, 64, 128, 40, 100, 13]):
@@ -258,6 +259,24 @@ def test_tf32_is_opt_in_through_pytorchs_setting(how, monkeypatch):
             assert (b.double() - e).abs().max().item() <= 1e-5 * scale, f"{case}: float32 error"
         for a, b in zip(simt_tf32, simt_exact):
             assert torch.equal(a, b), f"{case}: the SIMT kernels changed under TF32"
+
+
+def test_float32_backward_at_128_needs_a_gpu_with_100_kib_of_shared_memory(monkeypatch):
+    """float32 head dims 65-128: the tiled backward (100 KiB of shared memory per block) on a GPU
+    that allows it (the emulation's default, 227 KiB as on an H100), SIMT on one that does not
+    (LONGFORMER_EMULATION_SHARED_KIB=99, as on sm_86/sm_89), the same bits as forcing SIMT."""
+    case = Case(batch=1, heads=2, seqlen=90, dim=100, window=(20, 9), dilation=[1, 2], globals="many",
+                padding=True, dtype=torch.float32, seed=19)
+    q, k, v, kwargs = make_inputs(case)
+    check_against_oracle(case, q, k, v, kwargs)
+    tiled = _outputs_and_grads(case, q, k, v, kwargs)
+    monkeypatch.setenv("LONGFORMER_EMULATION_SHARED_KIB", "99")
+    small_gpu = _outputs_and_grads(case, q, k, v, kwargs)
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", "simt")
+    simt = _outputs_and_grads(case, q, k, v, kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(small_gpu, simt))
+    assert torch.equal(tiled[0], simt[0])  # the forward (66 KiB) is tiled on both
+    assert any(not torch.equal(a, b) for a, b in zip(tiled[1:], simt[1:]))
 
 
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])

@@ -255,9 +255,7 @@ template <typename T>
 int dispatch_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
   if (p.head_dim <= 32) return launch_global_keys_mma<T, 32>(p, g, workspace, stream);
   if (p.head_dim <= 64) return launch_global_keys_mma<T, 64>(p, g, workspace, stream);
-  if constexpr (!kFloatTiles<T>) {
-    if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
-  }
+  if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
   return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
@@ -265,16 +263,14 @@ template <typename T>
 int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
   if (p.head_dim <= 32) return launch_local_backward_mma<T, 32>(p, g, delta, stream);
   if (p.head_dim <= 64) return launch_local_backward_mma<T, 64>(p, g, delta, stream);
-  if constexpr (!kFloatTiles<T>) {
-    if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
-  }
+  if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
   return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
 }
 
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 

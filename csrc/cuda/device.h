@@ -34,6 +34,17 @@ __device__ __forceinline__ T* dynamic_shared_memory() {
   return reinterpret_cast<T*>(longformer_dynamic_smem);
 }
 
+// The most dynamic shared memory a block of the current device may opt in to (99 KiB on sm_86 and
+// sm_89, 163 KiB on sm_80, 227 KiB on sm_90); 0 if the device cannot be queried. A host-side
+// attribute read: no synchronisation.
+inline int64_t max_shared_bytes_per_block() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 0;
+  return bytes;
+}
+
 // Opting in to more than 48 KiB of dynamic shared memory; returns a cudaError_t value.
 template <typename Kernel>
 inline int allow_shared_bytes(Kernel kernel, int64_t bytes) {

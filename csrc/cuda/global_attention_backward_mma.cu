@@ -173,16 +173,14 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
                       bool accumulate, void* stream) {
   if (p.head_dim <= 32) return launch_global_backward_mma<T, 32>(p, g, split, workspace, accumulate, stream);
   if (p.head_dim <= 64) return launch_global_backward_mma<T, 64>(p, g, split, workspace, accumulate, stream);
-  if constexpr (!kFloatTiles<T>) {
-    if (p.head_dim <= 128) return launch_global_backward_mma<T, 128>(p, g, split, workspace, accumulate, stream);
-  }
+  if (p.head_dim <= 128) return launch_global_backward_mma<T, 128>(p, g, split, workspace, accumulate, stream);
   return 1;  // cudaErrorInvalidValue: see global_attention_backward_mma_supports
 }
 
 }  // namespace
 
 bool global_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 64;  // mma_backward.h: BwdTiles
+  if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 

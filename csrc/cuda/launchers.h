@@ -57,7 +57,7 @@ int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, 
 int64_t banded_attention_backward_workspace_bytes(const AttentionParams& p, DType dtype);
 // `tiled`: the local rows' dQ, the local keys' dK/dV and the global keys' dK/dV on the tiled
 // kernels where banded_attention_backward_mma_supports (float16/bfloat16 with D <= 128, float32
-// with D <= 64); SIMT otherwise and for the rest (delta, the combine of the global keys' dK/dV).
+// with D <= 64, or <= 128 where the GPU allows a block 100 KiB of shared memory); SIMT otherwise and for the rest (delta, the combine of the global keys' dK/dV).
 int banded_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                               bool tiled, void* stream);
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype);
@@ -82,7 +82,7 @@ int64_t global_attention_backward_workspace_bytes(const AttentionParams& p, DTyp
 // grad_q: the global rows; grad_k, grad_v: every key row (their part from the global rows), written,
 // or with `accumulate` added to what they hold (the local rows' part, when both share q, k, v).
 // `tiled`: dQ and dK/dV on the tiled kernels where the inputs allow (float16/bfloat16 with D <= 128,
-// float32 with D <= 64).
+// float32 with D <= 64, or <= 128 where the GPU allows a block 100 KiB of shared memory).
 int global_attention_backward(const AttentionParams& p, const GlobalKeys& g, void* workspace, DType dtype,
                               bool accumulate, bool tiled, void* stream);
 

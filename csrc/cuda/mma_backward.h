@@ -17,16 +17,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <typename T, int DP, bool kQueryTiles>
 struct BwdTiles {
   static_assert(DP == 32 || DP == 64 || DP == 128, "the tiled backward takes head dims up to 128");
-  static_assert(!kFloatTiles<T> || DP <= 64, "float tiles: head dims up to 64 in the backward");
   // 16-bit tiles: up to D = 64 the block's two operands live in registers as A fragments and
   // tiles hold 64 rows. At 128 the two accumulators alone (dK and dV) take 128 registers: the
   // operands are re-read from shared memory per tile and tiles hold 32 rows for dQ, 16 for dK/dV
   // (with 32, ptxas spilled 16-32 bytes there). Float tiles hold 32 rows, 16 for dK/dV at DP = 64
-  // (with 64 and 32 rows the dK/dV kernels took 254 and 228 registers; now every float kernel
-  // stays within 168, 3 blocks per SM), at most 56 KiB of shared memory per block; at DP = 128
-  // they would need at least 100 KiB, over the 99 KiB that sm_86/sm_89 allow a block, so those head
-  // dims take SIMT.
-  static constexpr int kFloatRows = DP == 64 && kQueryTiles ? 16 : 32;
+  // and for both at 128 (with more the dK/dV kernels took 228-254 registers at DP <= 64): 37-69
+  // KiB of shared memory per block up to DP = 64, 100 KiB at 128, which only GPUs that allow a
+  // block more than 99 KiB run (sm_80, sm_90; see float_backward_fits).
+  static constexpr int kFloatRows = DP == 128 || (DP == 64 && kQueryTiles) ? 16 : 32;
   static constexpr int kHalfRows = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
   static constexpr int kBlockK = kFloatTiles<T> ? kFloatRows : kHalfRows;
   static constexpr bool kOperandsInRegisters = DP <= 64;
@@ -115,6 +113,17 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
       }
     }
   }
+}
+
+// Whether the float tiled backward fits the current GPU for this head dim: always up to 64; at
+// 65-128 only where a block may have the 100 KiB its DP = 128 kernels take (else SIMT).
+inline bool float_backward_fits(int64_t head_dim) {
+  if (head_dim <= 64) return true;
+  if (head_dim > 128) return false;
+  const int64_t bytes = BwdTiles<float, 128, false>::kSmemBytes > BwdTiles<float, 128, true>::kSmemBytes
+                            ? BwdTiles<float, 128, false>::kSmemBytes
+                            : BwdTiles<float, 128, true>::kSmemBytes;
+  return max_shared_bytes_per_block() >= bytes;
 }
 
 }  // namespace longformer::cuda::mma_tiles

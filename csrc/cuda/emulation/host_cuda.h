@@ -444,6 +444,13 @@ inline std::vector<std::unique_ptr<Worker>>& workers() {
 // errors found while running (divergent barriers, exceptions thrown in kernel code).
 // Dynamic shared memory above 48 KiB needs an opt-in per kernel on the GPU; recording the opt-ins
 // makes a forgotten allow_shared_bytes fail here too instead of only on the GPU.
+// The most dynamic shared memory a block may opt in to: 227 KiB as on an H100, or
+// LONGFORMER_EMULATION_SHARED_KIB (say 99, an sm_86/sm_89 GPU) to test what a smaller GPU runs.
+inline int64_t shared_bytes_limit() {
+  if (const char* v = std::getenv("LONGFORMER_EMULATION_SHARED_KIB"); v && *v) return std::atoll(v) * 1024;
+  return 227 * 1024;
+}
+
 inline int64_t& allowed_shared_bytes(const void* kernel) {
   static std::map<const void*, int64_t> allowed;
   return allowed[kernel];
@@ -460,7 +467,7 @@ inline int run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_byt
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu)
     return cudaErrorInvalidConfiguration;
-  if (shared_bytes > 227 * 1024) return cudaErrorInvalidValue;
+  if (int64_t(shared_bytes) > shared_bytes_limit()) return cudaErrorInvalidValue;
   if (shared_bytes > 48 * 1024) {
     std::lock_guard<std::mutex> lock(allowed_mutex());
     if (int64_t(shared_bytes) > allowed_shared_bytes(kernel)) return cudaErrorInvalidValue;
@@ -634,11 +641,13 @@ template <typename T>
 inline T* dynamic_shared_memory() {
   return reinterpret_cast<T*>(emulation::current_worker("dynamic_shared_memory").smem);
 }
-// Same contract as the CUDA version: 0 on success, cudaErrorInvalidValue above the 227 KiB limit.
+// Same contracts as the CUDA versions: the emulated GPU's limit (emulation::shared_bytes_limit), and
+// 0 on success or cudaErrorInvalidValue above it.
+inline int64_t max_shared_bytes_per_block() { return emulation::shared_bytes_limit(); }
 template <typename Kernel>
 inline int allow_shared_bytes(Kernel kernel, int64_t bytes) {
   if (bytes <= 48 * 1024) return 0;
-  if (bytes > 227 * 1024) return cudaErrorInvalidValue;
+  if (bytes > emulation::shared_bytes_limit()) return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(emulation::allowed_mutex());
   int64_t& allowed = emulation::allowed_shared_bytes(reinterpret_cast<const void*>(kernel));
   allowed = std::max(allowed, bytes);
