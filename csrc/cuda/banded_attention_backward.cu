@@ -51,11 +51,11 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize) delta_kernel(con
     A value = A(0);
     if (p.roles[b * N + i] == kLocal) {
       RowFrag<A, E, kFull> dout, out;
-      dout.load(static_cast<const T*>(p.grad_out.data) + row_offset(p.grad_out, b, h, i), D, lane);
-      out.load(static_cast<const T*>(p.out.data) + row_offset(p.out, b, h, i), D, lane);
+      dout.load(static_cast<const T*>(p.grad_out.data) + p.grad_out.offset(b, h, i), D, lane);
+      out.load(static_cast<const T*>(p.out.data) + p.out.offset(b, h, i), D, lane);
       value = warp_sum(dout.partial_dot(out));
     }
-    if (lane == 0) delta[row] = value;  // row == lse_index(p, b, h, i)
+    if (lane == 0) delta[row] = value;  // row == p.lse_offset(b, h, i)
   }
 }
 
@@ -67,7 +67,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
   using A = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t N = p.seqlen, left = p.window_left, right = right_window(p);
+  const int64_t N = p.seqlen, left = p.window_left, right = p.effective_right();
   const int64_t rows = p.batch * p.heads * N;
   const A scale = static_cast<A>(p.scale);
   const A* delta_all = delta_of<A>(workspace);
@@ -79,8 +79,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     if (roles[n] != kLocal) continue;  // warp-uniform
     const int64_t d = p.dilation[h];
     const Head<T> hd(p, b, h);
-    const A* lse = static_cast<const A*>(p.lse) + lse_index(p, b, h, 0);
-    const A* delta = delta_all + lse_index(p, b, h, 0);
+    const A* lse = static_cast<const A*>(p.lse) + p.lse_offset(b, h, 0);
+    const A* delta = delta_all + p.lse_offset(b, h, 0);
 
     // dQ_n: n as a query (nothing flows through a row without keys).
     if (lse[n] != neg_inf<A>()) {
@@ -110,7 +110,7 @@ LONGFORMER_UNROLL
         }
         dq_keys(dq, q, dout, lse_n, delta_n, hd, key, scale, D, lane);
       }
-      dq.store(static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, n), D, lane, scale);
+      dq.store(static_cast<T*>(p.grad_q.data) + p.grad_q.offset(b, h, n), D, lane, scale);
     }
 
     // dK_n, dV_n: n as a key, over the local queries i = n - t * d whose band holds it.
@@ -129,8 +129,8 @@ LONGFORMER_UNROLL
         }
         dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
       }
-      dk.store(static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, n), D, lane, scale);
-      dv.store(static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, n), D, lane, A(1));
+      dk.store(static_cast<T*>(p.grad_k.data) + p.grad_k.offset(b, h, n), D, lane, scale);
+      dv.store(static_cast<T*>(p.grad_v.data) + p.grad_v.offset(b, h, n), D, lane, A(1));
     }
   }
 }
@@ -163,8 +163,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kChunkWarps * kWarpSize)
 
     const Head<T> hd(p, b, h);
     const uint8_t* roles = p.roles + b * N;
-    const A* lse = static_cast<const A*>(p.lse) + lse_index(p, b, h, 0);
-    const A* delta = delta_all + lse_index(p, b, h, 0);
+    const A* lse = static_cast<const A*>(p.lse) + p.lse_offset(b, h, 0);
+    const A* delta = delta_all + p.lse_offset(b, h, 0);
     RowFrag<A, E, kFull> k, v, dk, dv;
     k.load(hd.k + key * hd.ks, D, lane);
     v.load(hd.v + key * hd.vs, D, lane);
@@ -213,8 +213,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     const int64_t chunks = chunks_per_global(count, N);
     const int64_t key = globals.index[b * N + g];
     const A* first = partials + (bh * N + g * chunks) * 2 * D;
-    T* dk = static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, key);
-    T* dv = static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, key);
+    T* dk = static_cast<T*>(p.grad_k.data) + p.grad_k.offset(b, h, key);
+    T* dv = static_cast<T*>(p.grad_v.data) + p.grad_v.offset(b, h, key);
     for (int x = lane; x < 2 * D; x += kWarpSize) {
       A sum = A(0);
       for (int64_t c = 0; c < chunks; ++c) sum += first[c * 2 * D + x];  // chunk order: deterministic

@@ -38,7 +38,7 @@ __device__ __forceinline__ void stage_block_rows(const AttentionParams& p, const
                                                  const RowMajorHeads& a, const RowMajorHeads& b, bool need_lse,
                                                  bool vec, TileElem<T>* sA, TileElem<T>* sB, unsigned char* row_ok) {
   const uint8_t* roles = p.roles + w.b * p.seqlen;
-  const float* lse = static_cast<const float*>(p.lse) + (w.b * p.heads + w.h) * p.seqlen;
+  const float* lse = static_cast<const float*>(p.lse) + p.lse_offset(w.b, w.h, 0);
   stage_rows<T, DP>(w.b, w.h, p.head_dim, a, sA, &b, sB, vec, row_ok, nullptr, [&](int row, int64_t& pos) {
     pos = w.r + (w.s0 + row) * w.d;
     return row < w.rows && roles[pos] == kLocal && (!need_lse || lse[pos] != -INFINITY);
@@ -74,7 +74,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) local_dq_mma_kernel(const AttentionPara
   const int64_t(&row_pos)[2] = rows.pos;
   const bool(&row_ok)[2] = rows.ok;
   float lse_log2[2], row_delta[2];
-  const int64_t lse_row = (w.b * p.heads + w.h) * N;
+  const int64_t lse_row = p.lse_offset(w.b, w.h, 0);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     lse_log2[i] = row_ok[i] ? static_cast<const float*>(p.lse)[lse_row + row_pos[i]] * kLog2e : 0.0f;

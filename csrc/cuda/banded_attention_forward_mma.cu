@@ -49,7 +49,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(con
   // ---- which (b, h, r, tile) this block owns
   const BlockRows w = decode_block(p, slots);
   if (!w.valid) return;
-  const int64_t H = p.heads, N = p.seqlen, D = p.head_dim;
+  const int64_t N = p.seqlen, D = p.head_dim;
   const int64_t b = w.b, h = w.h, d = w.d, r = w.r, L = w.L, s0 = w.s0;
   const int rows = w.rows;
 
@@ -94,8 +94,8 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(con
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (!rows_of_thread.ok[i] || !(softmax.row_sum[i] > 0.0f)) continue;
-    softmax.store_row(i, out_base + head_row_offset(p.out, b, h, rows_of_thread.pos[i]), D, lane);
-    if (t == 0) lse[(b * H + h) * N + rows_of_thread.pos[i]] = softmax.lse(i);
+    softmax.store_row(i, out_base + p.out.offset(b, h, rows_of_thread.pos[i]), D, lane);
+    if (t == 0) lse[p.lse_offset(b, h, rows_of_thread.pos[i])] = softmax.lse(i);
   }
 }
 

@@ -27,7 +27,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
   using A = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t N = p.seqlen, left = p.window_left, right = right_window(p);
+  const int64_t N = p.seqlen, left = p.window_left, right = p.effective_right();
   const int64_t rows = p.batch * p.heads * N;
   const A scale = static_cast<A>(p.scale);
 
@@ -37,9 +37,9 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     const uint8_t* roles = p.roles + b * N;
     if (roles[i] != kLocal) continue;  // warp-uniform: the whole warp owns this row
     const int64_t d = p.dilation[h];
-    const T* qh = static_cast<const T*>(p.q.data) + row_offset(p.q, b, h, 0);
-    const T* kh = static_cast<const T*>(p.k.data) + row_offset(p.k, b, h, 0);
-    const T* vh = static_cast<const T*>(p.v.data) + row_offset(p.v, b, h, 0);
+    const T* qh = static_cast<const T*>(p.q.data) + p.q.offset(b, h, 0);
+    const T* kh = static_cast<const T*>(p.k.data) + p.k.offset(b, h, 0);
+    const T* vh = static_cast<const T*>(p.v.data) + p.v.offset(b, h, 0);
 
     RowFrag<A, E, kFull> q;
     q.load(qh + i * p.q.stride_n, D, lane);
@@ -72,9 +72,9 @@ LONGFORMER_UNROLL
     }
 
     if (state.l > A(0)) {
-      T* out = static_cast<T*>(p.out.data) + row_offset(p.out, b, h, i);
+      T* out = static_cast<T*>(p.out.data) + p.out.offset(b, h, i);
       state.o.store(out, D, lane, A(1) / state.l);
-      if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, i)] = state.m + acc_log(state.l);
+      if (lane == 0) static_cast<A*>(p.lse)[p.lse_offset(b, h, i)] = state.m + acc_log(state.l);
     }
   }
 }

@@ -31,10 +31,10 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize) banded_qk_kernel(co
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t i = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
     const int64_t d = p.dilation[h];
-    const T* bh_rows = static_cast<const T*>(p.b.data) + row_offset(p.b, b, h, 0);
-    T* band = static_cast<T*>(p.band) + band_index(p, b, h, i);
+    const T* bh_rows = static_cast<const T*>(p.b.data) + p.b.offset(b, h, 0);
+    T* band = static_cast<T*>(p.band) + p.band_offset(b, h, i);
     RowFrag<A, E, kFull> a;
-    a.load(static_cast<const T*>(p.a.data) + row_offset(p.a, b, h, i), D, lane);
+    a.load(static_cast<const T*>(p.a.data) + p.a.offset(b, h, i), D, lane);
     for (int64_t t0 = 0; t0 < W; t0 += kGroup) {
       int64_t key[kGroup];
       RowFrag<A, E, kFull> k[kGroup];
@@ -69,8 +69,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize) banded_pv_kernel(co
        row += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t n = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
     const int64_t d = p.dilation[h];
-    const T* x_rows = static_cast<const T*>(x.data) + row_offset(x, b, h, 0);
-    const T* band_rows = static_cast<const T*>(p.band) + band_index(p, b, h, 0);
+    const T* x_rows = static_cast<const T*>(x.data) + x.offset(b, h, 0);
+    const T* band_rows = static_cast<const T*>(p.band) + p.band_offset(b, h, 0);
     RowFrag<A, E, kFull> sum;
     sum.zero();
     for (int64_t t0 = 0; t0 < W; t0 += kGroup) {
@@ -89,7 +89,7 @@ LONGFORMER_UNROLL
 LONGFORMER_UNROLL
       for (int c = 0; c < kGroup; ++c) sum.axpy(w[c], xr[c]);  // slot order: deterministic
     }
-    sum.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, n), D, lane, A(1));
+    sum.store(static_cast<T*>(p.out.data) + p.out.offset(b, h, n), D, lane, A(1));
   }
 }
 

@@ -74,14 +74,14 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     if (it.c >= chunks) continue;  // block-uniform
     const int64_t qi = globals.index[b * N + it.g];
     const uint8_t* roles = p.roles + b * N;
-    const T* kh = static_cast<const T*>(p.k.data) + row_offset(p.k, b, h, 0);
-    const T* vh = static_cast<const T*>(p.v.data) + row_offset(p.v, b, h, 0);
+    const T* kh = static_cast<const T*>(p.k.data) + p.k.offset(b, h, 0);
+    const T* vh = static_cast<const T*>(p.v.data) + p.v.offset(b, h, 0);
     const int64_t key_end = p.causal ? qi + 1 : N;
     const int64_t len = ceil_div(key_end, chunks);
     const int64_t key_begin = it.c * len, chunk_end = min_i64(key_end, key_begin + len);
 
     RowFrag<A, E, kFull> q;
-    q.load(static_cast<const T*>(p.q.data) + row_offset(p.q, b, h, qi), D, lane);
+    q.load(static_cast<const T*>(p.q.data) + p.q.offset(b, h, qi), D, lane);
     OnlineRow<A, E, kFull> state;
     state.reset();
     for (int64_t j0 = key_begin + warp * kGroup; j0 < chunk_end; j0 += kWarps * kGroup) {
@@ -116,8 +116,8 @@ LONGFORMER_UNROLL
       }
       if (chunks == 1) {  // the whole row: write it
         if (m != neg_inf<A>()) {
-          o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
-          if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, qi)] = m + acc_log(l);
+          o.store(static_cast<T*>(p.out.data) + p.out.offset(b, h, qi), D, lane, A(1) / l);
+          if (lane == 0) static_cast<A*>(p.lse)[p.lse_offset(b, h, qi)] = m + acc_log(l);
         }
       } else {  // partial of chunk c (m = -inf, l = 0, o = 0 for a chunk without keys)
         A* part = static_cast<A*>(workspace) + ((it.bh * split.rows) + it.g * chunks + it.c) * (D + 2);
@@ -165,8 +165,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
       o.axpy(f, x);
     }
     const int64_t qi = globals.index[b * N + g];
-    o.store(static_cast<T*>(p.out.data) + row_offset(p.out, b, h, qi), D, lane, A(1) / l);
-    if (lane == 0) static_cast<A*>(p.lse)[lse_index(p, b, h, qi)] = m + acc_log(l);
+    o.store(static_cast<T*>(p.out.data) + p.out.offset(b, h, qi), D, lane, A(1) / l);
+    if (lane == 0) static_cast<A*>(p.lse)[p.lse_offset(b, h, qi)] = m + acc_log(l);
   }
 }
 
@@ -185,10 +185,10 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     const int64_t i = row % N, bh = row / N, h = bh % p.heads, b = bh / p.heads;
     if (p.roles[b * N + i] != kGlobal) continue;
     RowFrag<A, E, kFull> dout, out;
-    dout.load(static_cast<const T*>(p.grad_out.data) + row_offset(p.grad_out, b, h, i), D, lane);
-    out.load(static_cast<const T*>(p.out.data) + row_offset(p.out, b, h, i), D, lane);
+    dout.load(static_cast<const T*>(p.grad_out.data) + p.grad_out.offset(b, h, i), D, lane);
+    out.load(static_cast<const T*>(p.out.data) + p.out.offset(b, h, i), D, lane);
     const A value = warp_sum(dout.partial_dot(out));
-    if (lane == 0) static_cast<A*>(workspace)[row] = value;  // row == lse_index(p, b, h, i)
+    if (lane == 0) static_cast<A*>(workspace)[row] = value;  // row == p.lse_offset(b, h, i)
   }
 }
 
@@ -214,9 +214,9 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kWarps * kWarpSize)
     const int64_t chunks = chunks_of(split, count);
     if (it.c >= chunks) continue;  // block-uniform
     const int64_t qi = globals.index[b * N + it.g];
-    const A lse = static_cast<const A*>(p.lse)[lse_index(p, b, h, qi)];
+    const A lse = static_cast<const A*>(p.lse)[p.lse_offset(b, h, qi)];
     if (lse == neg_inf<A>()) continue;  // no key: no gradient (block-uniform; the combine skips it too)
-    const A delta = static_cast<const A*>(workspace)[lse_index(p, b, h, qi)];
+    const A delta = static_cast<const A*>(workspace)[p.lse_offset(b, h, qi)];
     const uint8_t* roles = p.roles + b * N;
     const Head<T> hd(p, b, h);
     const int64_t key_end = p.causal ? qi + 1 : N;
@@ -240,7 +240,7 @@ LONGFORMER_UNROLL
     for (int e = 0; e < E; ++e) part[warp][e * kWarpSize + lane] = dq.x[e];
     __syncthreads();
     if (chunks == 1) {
-      T* out = static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi);
+      T* out = static_cast<T*>(p.grad_q.data) + p.grad_q.offset(b, h, qi);
       for (int x = threadIdx.x; x < D; x += kWarps * kWarpSize) {
         A sum = A(0);
         for (int w = 0; w < kWarps; ++w) sum += part[w][x];  // warp order: deterministic
@@ -279,7 +279,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     const int64_t chunks = chunks_of(split, count);
     if (chunks == 1) continue;  // written by the chunk kernel
     const int64_t qi = globals.index[b * N + g];
-    if (static_cast<const A*>(p.lse)[lse_index(p, b, h, qi)] == neg_inf<A>()) continue;  // no partials written
+    if (static_cast<const A*>(p.lse)[p.lse_offset(b, h, qi)] == neg_inf<A>()) continue;  // no partials written
     const A* part = partials + (bh * split.rows + g * chunks) * D;
     RowFrag<A, E, kFull> dq, x;
     dq.zero();
@@ -287,7 +287,7 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
       x.load(part + c * D, D, lane);
       dq.axpy(A(1), x);
     }
-    dq.store(static_cast<T*>(p.grad_q.data) + row_offset(p.grad_q, b, h, qi), D, lane, scale);
+    dq.store(static_cast<T*>(p.grad_q.data) + p.grad_q.offset(b, h, qi), D, lane, scale);
   }
 }
 
@@ -307,8 +307,8 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kRowWarps * kWarpSize)
     if (count == 0 || p.roles[b * N + j] == kPadding) continue;  // warp-uniform
     const int64_t* index = globals.index + b * N;
     const Head<T> hd(p, b, h);
-    const A* lse = static_cast<const A*>(p.lse) + lse_index(p, b, h, 0);
-    const A* delta = static_cast<const A*>(workspace) + lse_index(p, b, h, 0);
+    const A* lse = static_cast<const A*>(p.lse) + p.lse_offset(b, h, 0);
+    const A* delta = static_cast<const A*>(workspace) + p.lse_offset(b, h, 0);
 
     RowFrag<A, E, kFull> k, v, dk, dv;
     k.load(hd.k + j * hd.ks, D, lane);
@@ -326,8 +326,8 @@ LONGFORMER_UNROLL
       }
       dkdv_queries(dk, dv, k, v, hd, lse, delta, query, scale, D, lane);
     }
-    T* grad_k = static_cast<T*>(p.grad_k.data) + row_offset(p.grad_k, b, h, j);
-    T* grad_v = static_cast<T*>(p.grad_v.data) + row_offset(p.grad_v, b, h, j);
+    T* grad_k = static_cast<T*>(p.grad_k.data) + p.grad_k.offset(b, h, j);
+    T* grad_v = static_cast<T*>(p.grad_v.data) + p.grad_v.offset(b, h, j);
     if (accumulate) {  // onto the local rows' part: scale dK first, then one rounding per element
       RowFrag<A, E, kFull> earlier;
       earlier.load(grad_k, D, lane);

@@ -48,7 +48,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_dq_mma_kernel(const AttentionPar
     if (state == ItemState::kIdle) continue;       // block-uniform
     const int64_t* index = gk.index + it.b * N;
     const uint8_t* roles = p.roles + it.b * N;
-    const float* lse = static_cast<const float*>(p.lse) + (it.b * p.heads + it.h) * N;
+    const float* lse = static_cast<const float*>(p.lse) + p.lse_offset(it.b, it.h, 0);
     typename S::Tiles keys;
     keys.setup_band(p, p.k, p.v, it.b, it.h, 0, 1, it.key_begin, it.key_end, N, p.causal ? 0 : N, index,
                     it.c == 0 ? it.count : 0, vec, smem);
@@ -67,7 +67,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_dq_mma_kernel(const AttentionPar
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       lse_log2[i] = rows.ok[i] ? lse[rows.pos[i]] * kLog2e : 0.0f;
-      row_delta[i] = rows.ok[i] ? delta[(it.b * p.heads + it.h) * N + rows.pos[i]] : 0.0f;
+      row_delta[i] = rows.ok[i] ? delta[p.lse_offset(it.b, it.h, rows.pos[i])] : 0.0f;
     }
     const OperandFragments<T, DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
     const OperandFragments<T, DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);

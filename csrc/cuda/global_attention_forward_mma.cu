@@ -47,7 +47,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const At
                                                                      bool vec) {
   using Tiles = GlobalRowTiles<T, DP>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
-  const int64_t H = p.heads, N = p.seqlen, D = p.head_dim;
+  const int64_t N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
   TileElem<T>* sQ = reinterpret_cast<TileElem<T>*>(smem + Tiles::kQOffset);
   int64_t* query_pos = reinterpret_cast<int64_t*>(smem + Tiles::kQueryPosOffset);
@@ -96,9 +96,9 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const At
       const bool seen = mine.ok[i] && softmax.row_sum[i] > 0.0f;
       if (chunks == 1) {
         if (!seen) continue;  // no key: the row keeps out 0, lse -inf
-        softmax.store_row(i, static_cast<TileElem<T>*>(p.out.data) + head_row_offset(p.out, b, h, mine.pos[i]), D,
+        softmax.store_row(i, static_cast<TileElem<T>*>(p.out.data) + p.out.offset(b, h, mine.pos[i]), D,
                           lane);
-        if (t == 0) static_cast<float*>(p.lse)[(b * H + h) * N + mine.pos[i]] = softmax.lse(i);
+        if (t == 0) static_cast<float*>(p.lse)[p.lse_offset(b, h, mine.pos[i])] = softmax.lse(i);
         continue;
       }
       // Partial of chunk c: m = -inf, l = 0, o = 0 when the row saw no key here.

@@ -101,7 +101,7 @@ __device__ __forceinline__ void store_rows(const float (&acc)[DP / 8][4], const 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (!row_ok[i]) continue;
-    TileElem<T>* out = base + head_row_offset(dst, b, h, row_pos[i]);
+    TileElem<T>* out = base + dst.offset(b, h, row_pos[i]);
 #pragma unroll
     for (int n = 0; n < DP / 8; ++n) {
 #pragma unroll

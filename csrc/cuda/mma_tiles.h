@@ -80,11 +80,6 @@ struct Rows {
   static constexpr int64_t bytes(int rows) { return int64_t{rows} * kPitch * int64_t{sizeof(TileElem<T>)}; }
 };
 
-// Device twin of RowMajorHeads::offset (host-only in params.h): int64 so big tensors cannot wrap.
-__device__ __forceinline__ int64_t head_row_offset(const RowMajorHeads& x, int64_t b, int64_t h, int64_t n) {
-  return b * x.stride_b + h * x.stride_h + n * x.stride_n;
-}
-
 // Whether 16-byte copies are legal for every operand of dtype T: whole 16-byte chunks per row
 // (D % 8 == 0 for 16-bit types, D % 4 == 0 for float) and 16-byte aligned rows.
 template <typename T>
@@ -147,11 +142,11 @@ __device__ __forceinline__ void stage_rows(int64_t batch, int64_t head, int64_t 
       row_ok[row] = ok;
       if (row_pos != nullptr) row_pos[row] = pos;
     }
-    stage_row_chunk<T>(sA + row * R::kPitch, ok ? a_base + head_row_offset(a, batch, head, pos) : nullptr, chunk,
+    stage_row_chunk<T>(sA + row * R::kPitch, ok ? a_base + a.offset(batch, head, pos) : nullptr, chunk,
                        D, vec, a_base);
     if (b != nullptr) {
       const E* b_base = static_cast<const E*>(b->data);
-      stage_row_chunk<T>(sB + row * R::kPitch, ok ? b_base + head_row_offset(*b, batch, head, pos) : nullptr,
+      stage_row_chunk<T>(sB + row * R::kPitch, ok ? b_base + b->offset(batch, head, pos) : nullptr,
                          chunk, D, vec, b_base);
     }
   }
@@ -620,7 +615,7 @@ struct KeyTilePipeline {
         }
         if constexpr (kQueryRows) {
           constexpr float kLog2e = 1.4426950408889634f;
-          const int64_t at = (b * p->heads + h) * p->seqlen + pos;  // lse's layout
+          const int64_t at = p->lse_offset(b, h, pos);
           const float row_lse = ok ? lse[at] : -INFINITY;
           ok = ok && row_lse != -INFINITY;
           if (chunk == 0) {
@@ -632,9 +627,9 @@ struct KeyTilePipeline {
           key_ok(s)[row] = ok;
           key_pos(s)[row] = pos;
         }
-        stage_row_chunk<T>(sK + row * R::kPitch, ok ? k_base + head_row_offset(*first, b, h, pos) : nullptr, chunk,
+        stage_row_chunk<T>(sK + row * R::kPitch, ok ? k_base + first->offset(b, h, pos) : nullptr, chunk,
                            D, vec, k_base);
-        stage_row_chunk<T>(sV + row * R::kPitch, ok ? v_base + head_row_offset(*second, b, h, pos) : nullptr,
+        stage_row_chunk<T>(sV + row * R::kPitch, ok ? v_base + second->offset(b, h, pos) : nullptr,
                            chunk, D, vec, v_base);
       }
     }

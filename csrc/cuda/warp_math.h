@@ -47,21 +47,6 @@ __device__ __forceinline__ A max_of(A a, A b) {
   return a > b ? a : b;
 }
 
-// Device twins of the host-only helpers of params.h (same int64 formulas: a [B, H, N, D] tensor may
-// exceed 2^31 elements).
-__device__ __forceinline__ int64_t row_offset(const RowMajorHeads& t, int64_t b, int64_t h, int64_t n) {
-  return b * t.stride_b + h * t.stride_h + n * t.stride_n;
-}
-__device__ __forceinline__ int64_t lse_index(const AttentionParams& p, int64_t b, int64_t h, int64_t n) {
-  return (b * p.heads + h) * p.seqlen + n;
-}
-__device__ __forceinline__ int64_t right_window(const AttentionParams& p) {
-  return p.causal ? 0 : p.window_right;  // causal: no band slot right of the diagonal is valid
-}
-__device__ __forceinline__ int64_t band_index(const BandedMatmulParams& p, int64_t b, int64_t h, int64_t n) {
-  return ((b * p.heads + h) * p.seqlen + n) * (p.window_left + p.window_right + 1);
-}
-
 // Sum over the 32 lanes; every lane gets the result. All lanes of the warp must call it.
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
@@ -194,10 +179,10 @@ struct Head {
   const T *q, *k, *v, *dout;
   int64_t qs, ks, vs, ds;
   __device__ Head(const AttentionParams& p, int64_t b, int64_t h)
-      : q(static_cast<const T*>(p.q.data) + row_offset(p.q, b, h, 0)),
-        k(static_cast<const T*>(p.k.data) + row_offset(p.k, b, h, 0)),
-        v(static_cast<const T*>(p.v.data) + row_offset(p.v, b, h, 0)),
-        dout(static_cast<const T*>(p.grad_out.data) + row_offset(p.grad_out, b, h, 0)),
+      : q(static_cast<const T*>(p.q.data) + p.q.offset(b, h, 0)),
+        k(static_cast<const T*>(p.k.data) + p.k.offset(b, h, 0)),
+        v(static_cast<const T*>(p.v.data) + p.v.offset(b, h, 0)),
+        dout(static_cast<const T*>(p.grad_out.data) + p.grad_out.offset(b, h, 0)),
         qs(p.q.stride_n), ks(p.k.stride_n), vs(p.v.stride_n), ds(p.grad_out.stride_n) {}
 };
 

@@ -1,9 +1,17 @@
 // Plain parameter block handed from the op glue to every kernel (CPU and CUDA alike).
 // It holds raw pointers and int64 strides only, so kernels never see ATen types and all offset
-// arithmetic is done in 64 bits (a [B, H, N, D] tensor may exceed 2^31 elements).
+// arithmetic is done in 64 bits (a [B, H, N, D] tensor may exceed 2^31 elements). The index
+// helpers are the ones every kernel calls, on the host and (compiled by nvcc) on the device, so
+// tests/cpp/offsets_test.cpp checks the arithmetic the GPU runs.
 #pragma once
 
 #include <cstdint>
+
+#ifdef __CUDACC__
+#define LONGFORMER_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define LONGFORMER_HOST_DEVICE inline
+#endif
 
 namespace longformer {
 
@@ -21,7 +29,7 @@ struct RowMajorHeads {
   int64_t stride_b = 0, stride_h = 0, stride_n = 0;
 
   // Element offset of row n of head h in batch b; int64 throughout so large tensors cannot wrap.
-  int64_t offset(int64_t b, int64_t h, int64_t n) const {
+  LONGFORMER_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t n) const {
     return b * stride_b + h * stride_h + n * stride_n;
   }
 };
@@ -43,9 +51,11 @@ struct AttentionParams {
   bool causal = false;
   double scale = 1.0;
 
-  int64_t lse_offset(int64_t b, int64_t h, int64_t n) const { return (b * heads + h) * seqlen + n; }
+  LONGFORMER_HOST_DEVICE int64_t lse_offset(int64_t b, int64_t h, int64_t n) const {
+    return (b * heads + h) * seqlen + n;
+  }
   // With causal attention no band slot to the right of the diagonal is ever valid.
-  int64_t effective_right() const { return causal ? 0 : window_right; }
+  LONGFORMER_HOST_DEVICE int64_t effective_right() const { return causal ? 0 : window_right; }
 };
 
 // Operands of the unfused banded matmuls: `band` is [B, H, N, left + right + 1] contiguous.
@@ -58,8 +68,8 @@ struct BandedMatmulParams {
   int64_t window_left = 0, window_right = 0;
   double fill = 0.0;        // banded_matmul_qk: value written to slots whose key is outside [0, N)
 
-  int64_t band_width() const { return window_left + window_right + 1; }
-  int64_t band_offset(int64_t b, int64_t h, int64_t n) const {
+  LONGFORMER_HOST_DEVICE int64_t band_width() const { return window_left + window_right + 1; }
+  LONGFORMER_HOST_DEVICE int64_t band_offset(int64_t b, int64_t h, int64_t n) const {
     return ((b * heads + h) * seqlen + n) * band_width();
   }
 };
