@@ -5,7 +5,7 @@
 //   pv_transposed: out_j      = sum over (i, t) reaching j of band[i, t] * a_i
 // The transposed form is written as a gather over the rows i = j - (t - left) * dilation that
 // reach j, so every output row has one owner and the result is deterministic.
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <vector>
 
@@ -20,7 +20,7 @@ namespace {
 template <typename F>
 void for_each_row(const BandedMatmulParams& p, F&& f) {
   const int64_t rows = p.batch * p.heads * p.seqlen;
-  at::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, rows, 256, [&](int64_t first, int64_t last) {
     for (int64_t x = first; x < last; ++x) f(x / (p.heads * p.seqlen), (x / p.seqlen) % p.heads, x % p.seqlen);
   });
 }

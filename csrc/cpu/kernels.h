@@ -1,10 +1,10 @@
 // Entry points of the CPU kernels, instantiated for every storage dtype of
 // LONGFORMER_CPU_FOR_EACH_DTYPE. They take plain parameter blocks (longformer/params.h);
-// ops_cpu.cpp turns tensors into those.
+// the op glue (longformer/glue.h, through ops_cpu.cpp) turns tensors into those.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include "longformer/params.h"
 

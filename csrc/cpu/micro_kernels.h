@@ -6,11 +6,9 @@
 // strip. These kernels work on MR query rows at a time, pack the keys once per block in the
 // layout the score kernel streams, and visit only the key panels a group of rows can see.
 //
-// Written with GCC/Clang vector extensions rather than at::vec: GCC keeps arrays of at::vec
-// objects in memory inside the loop (a store per accumulator per step), while plain vector types
-// stay in registers. The width follows the instruction set this copy is compiled for (see
-// CMakeLists.txt): 16 bytes (SSE2), 32 (AVX2) or 64 (AVX-512). `c += a * b` becomes one FMA
-// because the kernels are compiled with -ffp-contract=fast. MR rows x 2 vectors of accumulators,
+// Written on the vector type of vector_math.h (SimdOf), whose width follows the instruction set
+// this copy is compiled for. `c += a * b` becomes one FMA because the kernels are compiled with
+// -ffp-contract=fast. MR rows x 2 vectors of accumulators,
 // two operand vectors and a broadcast fit the 16 vector registers of SSE2 and AVX2.
 #pragma once
 
@@ -20,33 +18,12 @@
 #include <type_traits>
 #include <utility>
 
+#include "vector_math.h"
+
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
 constexpr int kMicroRows = 6;  // MR: query rows per micro-kernel call
-
-#if defined(LONGFORMER_CPU_VECTOR_BYTES)  // a test build: e.g. AVX-512's layout on an AVX2 machine
-constexpr int kVectorBytes = LONGFORMER_CPU_VECTOR_BYTES;
-#elif defined(CPU_CAPABILITY_AVX512)
-constexpr int kVectorBytes = 64;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kVectorBytes = 32;
-#else
-constexpr int kVectorBytes = 16;
-#endif
-
-// One vector of acc, and its unaligned-access twin for loads and stores.
-template <typename acc>
-struct SimdOf {
-  typedef acc vec __attribute__((vector_size(kVectorBytes)));
-  static constexpr int64_t size = kVectorBytes / sizeof(acc);
-  static vec load(const acc* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(acc* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
-};
 
 // Keys per packed panel: two vectors' worth.
 template <typename acc>

@@ -7,11 +7,7 @@
 // the query tile, which keys form a block, and which (row, key) pairs the mask keeps.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +19,7 @@
 
 #include "gemm.h"
 #include "longformer/params.h"
+#include "vector_math.h"
 
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
@@ -49,10 +46,11 @@ struct Positions {
 };
 
 // Runs f(first, last) over task ranges on torch's thread pool, one task per grain, with BLAS kept
-// single-threaded inside (see gemm.h).
+// single-threaded inside (see gemm.h). torch::stable::parallel_for runs at::parallel_for inside
+// libtorch: torch's pool, its chunking and its nesting rules.
 template <typename F>
 void parallel_tasks(int64_t count, F&& f) {
-  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+  torch::stable::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
     SingleThreadedBlas guard;
     f(first, last);
   });
@@ -76,43 +74,36 @@ class Scratch {
 
 // The half-precision storage types (float16, bfloat16): held as float while computing.
 template <typename scalar_t>
-constexpr bool is_half_precision = c10::is_reduced_floating_point_v<scalar_t>;
+constexpr bool is_half_precision = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
 
 // GCC 12 takes the placeholder operands of its own AVX-512 conversion intrinsics (the
-// _mm512_undefined_* values at::vec's conversions pass them) for uninitialised variables and warns
-// wherever they are inlined; nothing here is read uninitialised.
+// _mm512_undefined_* values that c10::Half's scalar conversion passes them) for uninitialised
+// variables and warns wherever they are inlined; nothing here is read uninitialised.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// dst[0, n) = src[0, n) as acc. The half-precision types are widened a vector at a time (F16C or
-// AVX-512 for float16, a shift for bfloat16), not one element per instruction.
+// dst[0, n) = src[0, n) as acc. The half-precision types are widened a vector at a time where the
+// instruction set can (vector_math.h), not one element per instruction.
 template <typename scalar_t, typename acc>
 void widen(acc* dst, const scalar_t* src, int64_t n) {
-  if constexpr (is_half_precision<scalar_t> && std::is_same_v<acc, float>) {
-    using Vec = at::vec::Vectorized<float>;
-    int64_t c = 0;
-    for (; c + Vec::size() <= n; c += Vec::size()) {
-      Vec x;
-      at::vec::load_to_float(src + c, x);
-      x.store(dst + c);
-    }
-    for (; c < n; ++c) dst[c] = static_cast<acc>(src[c]);
-  } else {
-    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<acc>(src[c]);
+  int64_t c = 0;
+  if constexpr (kVectorConversion<scalar_t> && std::is_same_v<acc, float>) {
+    for (; c + FloatLanes::size <= n; c += FloatLanes::size) FloatLanes::store(dst + c, load_as_float(src + c));
   }
+  for (; c < n; ++c) dst[c] = static_cast<acc>(src[c]);
 }
 
 // dst[0, n) = src[0, n) rounded to scalar_t (to nearest even), a vector at a time for the
 // half-precision types.
 template <typename scalar_t, typename acc>
 void narrow(scalar_t* dst, const acc* src, int64_t n) {
-  if constexpr (is_half_precision<scalar_t> && std::is_same_v<acc, float>) {
-    at::vec::convert(src, dst, n);
-  } else {
-    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+  int64_t c = 0;
+  if constexpr (kVectorConversion<scalar_t> && std::is_same_v<acc, float>) {
+    for (; c + FloatLanes::size <= n; c += FloatLanes::size) store_from_float(dst + c, FloatLanes::load(src + c));
   }
+  for (; c < n; ++c) dst[c] = static_cast<scalar_t>(src[c]);
 }
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -186,14 +177,12 @@ void store_rows(scalar_t* head, int64_t stride_n, Positions pos, const acc* src,
 
 template <typename acc>
 acc dot(const acc* a, const acc* b, int64_t n) {
-  using Vec = at::vec::Vectorized<acc>;
-  Vec sum(acc(0));
+  using S = SimdOf<acc>;
+  typename S::vec sum{};
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) sum = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), sum);
-  acc lanes[Vec::size()];
-  sum.store(lanes);
+  for (; i + S::size <= n; i += S::size) sum += S::load(a + i) * S::load(b + i);
   acc total = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
+  for (int64_t l = 0; l < S::size; ++l) total += sum[l];
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }
@@ -233,28 +222,25 @@ void mask_tile(acc* s, int64_t rows, int64_t keys, const int64_t* lo, const int6
 }
 
 // row[c] = exp(row[c] - shift) in place; returns the sum. exp(-inf) = 0 takes care of masked keys.
-// The vector body uses exp_u20 (a few ulp in float, well inside the tolerances; full precision
-// for double), which is much cheaper than the correctly-rounded exp.
+// The vector body is exp_lanes (vector_math.h: within 2 ulp), much cheaper than the correctly
+// rounded std::exp the last n % lanes elements use.
 template <typename acc>
 acc exp_shifted(acc* row, int64_t n, acc shift) {
-  using Vec = at::vec::Vectorized<acc>;
-  const Vec vshift(shift);
-  Vec vsum(acc(0));
+  using S = SimdOf<acc>;
+  typename S::vec sum{};
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    Vec x = (Vec::loadu(row + c) - vshift).exp_u20();
-    x.store(row + c);
-    vsum = vsum + x;
+  for (; c + S::size <= n; c += S::size) {
+    const auto x = exp_lanes<acc>(S::load(row + c) - shift);
+    S::store(row + c, x);
+    sum += x;
   }
-  acc lanes[Vec::size()];
-  vsum.store(lanes);
-  acc sum = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+  acc total = 0;
+  for (int64_t l = 0; l < S::size; ++l) total += sum[l];
   for (; c < n; ++c) {
     row[c] = std::exp(row[c] - shift);
-    sum += row[c];
+    total += row[c];
   }
-  return sum;
+  return total;
 }
 
 // One backward tile. In: masked scores s[rows][keys] (overwritten with P), the tile's q, dout,

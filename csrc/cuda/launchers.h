@@ -1,5 +1,5 @@
 // Host-side entry points of the CUDA kernels. Each is defined at the bottom of its kernel file
-// (kernel-only .cu, no torch headers) and called from the op glue (ops_glue.h), which checks the
+// (kernel-only .cu, no torch headers) and called from the op glue (longformer/glue.h through cuda_backend.h), which checks the
 // inputs, allocates and initialises every output, and turns a nonzero return (a cudaError_t value)
 // into a Python exception. All pointers in the parameter blocks are device memory (host memory in
 // the host emulation); `stream` is a cudaStream_t.
@@ -14,14 +14,6 @@ namespace longformer::cuda {
 // kFloat32Tf32: float32 tensors whose tiled products may run as TF32 on tensor cores (the op glue
 // passes it when PyTorch allows TF32 matmuls); the SIMT kernels compute it in full fp32.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32Tf32 = 4 };
-
-// A [B, N] mask of any integer or bool dtype, read as raw elements (nonzero = set), strides in
-// elements; data null: no mask (every element set).
-struct MaskView {
-  const void* data = nullptr;
-  int64_t stride_b = 0, stride_n = 0;
-  int element_bytes = 1;
-};
 
 // roles [B, N] (Role values), global_index [B, N] (each row's global positions ascending, entries
 // past the count unspecified) and global_count [B] from the masks, in one launch (token_roles.cu).

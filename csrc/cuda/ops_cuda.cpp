@@ -1,29 +1,28 @@
-// CUDA implementations of the longformer ops: the shared glue (ops_glue.h) on the current CUDA
-// stream of the inputs' device, with every launch's error checked.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// The CUDA kernels behind the op glue (cuda_backend.h), on the current stream of the inputs'
+// device (torch's accelerator API of the stable ABI), with every launch's error checked.
 #include <cuda_runtime.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/accelerator.h>
+
+#include "cuda_backend.h"
 
 namespace longformer::cuda {
 
-inline void* glue_stream(const at::Tensor& t) {
-  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
-}
+struct CudaDevice {
+  static void* stream(const Tensor& t) {
+    return torch::stable::accelerator::getCurrentStream(t.get_device_index()).nativeHandle();
+  }
 
-inline void glue_check(int error, const char* op) {
-  TORCH_CHECK(error == 0, "longformer: CUDA launch of ", op, " failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(error)));
-}
+  static void check(int error, const char* op) {
+    LONGFORMER_CHECK(error == 0, "longformer: CUDA launch of ", op, " failed: ",
+                     cudaGetErrorString(static_cast<cudaError_t>(error)));
+  }
 
-struct GlueDeviceGuard {
-  explicit GlueDeviceGuard(const at::Tensor& t) : guard(t.device()) {}
-  c10::cuda::CUDAGuard guard;
+  struct Scope {
+    explicit Scope(const Tensor& t) : guard(t.get_device_index()) {}
+    torch::stable::accelerator::DeviceGuard guard;
+  };
 };
 
 }  // namespace longformer::cuda
 
-#include "ops_glue.h"
-
-LONGFORMER_REGISTER_GLUE(longformer, CUDA)
+LONGFORMER_REGISTER_GLUE(longformer, CUDA, longformer::cuda::CudaBackend<longformer::cuda::CudaDevice>)

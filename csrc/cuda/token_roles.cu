@@ -19,29 +19,19 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// Whether element n of row b of a mask is nonzero (a null mask: every element set).
-__device__ __forceinline__ bool mask_set(const MaskView& m, int64_t b, int64_t n) {
-  if (m.data == nullptr) return true;
-  const unsigned char* e = static_cast<const unsigned char*>(m.data) + (b * m.stride_b + n * m.stride_n) * m.element_bytes;
-  unsigned char any = 0;
-  for (int i = 0; i < m.element_bytes; ++i) any |= e[i];
-  return any != 0;
-}
-
 __global__ void token_roles_kernel(const MaskView attention, const MaskView global, int64_t seqlen, uint8_t* roles,
                                    int64_t* index, int64_t* count) {
   __shared__ int64_t warp_counts[kWarps];
   const int64_t b = blockIdx.x;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  const bool has_global = global.data != nullptr;
   int64_t before = 0;  // global tokens of row b before the current chunk
   for (int64_t n0 = 0; n0 < seqlen; n0 += kThreads) {
     const int64_t n = n0 + tid;
     bool is_global = false;
     if (n < seqlen) {
-      const bool real = mask_set(attention, b, n);
-      is_global = real && has_global && mask_set(global, b, n);
-      roles[b * seqlen + n] = real ? (is_global ? kGlobal : kLocal) : kPadding;
+      const Role role = token_role(attention, global, b, n);
+      is_global = role == kGlobal;
+      roles[b * seqlen + n] = role;
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, is_global);
     if (lane == 0) warp_counts[warp] = __popc(ballot);

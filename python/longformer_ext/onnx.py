@@ -353,11 +353,13 @@ def _all_true(like):
 
 
 def banded_attn(q, k, v, window_left: int, window_right: int, dilation: Sequence[int], attention_mask,
-                global_attention_mask, causal: bool, scale: float, global_q=None, global_k=None, global_v=None):
+                global_attention_mask, causal: bool, scale: float, global_q=None, global_k=None, global_v=None,
+                allow_tf32: bool = False):
     """``longformer::banded_attn``: local rows over their band keys plus every global key, then the
     global rows over every real key (with the global projections when given), padding rows 0.
 
     Returns (out [B, H, N, D] in q's dtype, lse [B, H, N] float32/float64, -inf for padding rows).
+    The graph computes exact float32 whatever ``allow_tf32`` (a CUDA kernel choice) says.
     """
     out, lse = _local_rows(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                            causal, scale)

@@ -39,9 +39,14 @@ def banded_attn(
     global_q: Optional[Tensor] = None, global_k: Optional[Tensor] = None, global_v: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Every row: local rows over their band plus the global keys, global rows over every real key
-    (with ``global_q/k/v`` when given, all three or none), padding rows 0; and every row's lse."""
+    (with ``global_q/k/v`` when given, all three or none), padding rows 0; and every row's lse.
+
+    float32 products may run as TF32 on CUDA tensor cores when PyTorch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``, also set by ``torch.set_float32_matmul_precision``),
+    read here at each call (``torch.compile`` guards on it); exact float32 otherwise."""
     return _ops.banded_attn(q, k, v, window_left, window_right, list(dilation), attention_mask,
-                            global_attention_mask, causal, scale, global_q, global_k, global_v)
+                            global_attention_mask, causal, scale, global_q, global_k, global_v,
+                            torch.backends.cuda.matmul.allow_tf32)
 
 
 def banded_matmul_qk(q: Tensor, k: Tensor, window_left: int, window_right: int, dilation: Sequence[int],
@@ -67,13 +72,13 @@ def banded_matmul_pv_transposed(p: Tensor, x: Tensor, window_left: int, window_r
 
 @torch.library.register_fake("longformer::banded_attn")
 def _(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
-      global_q=None, global_k=None, global_v=None):
+      global_q=None, global_k=None, global_v=None, allow_tf32=False):
     return _empty_heads(q), _lse_like(q)
 
 
 @torch.library.register_fake("longformer::banded_attn_backward")
 def _(grad_out, q, k, v, out, lse, window_left, window_right, dilation, attention_mask, global_attention_mask,
-      causal, scale, global_q=None, global_k=None, global_v=None):
+      causal, scale, global_q=None, global_k=None, global_v=None, allow_tf32=False):
     # Without global projections their gradients are in grad_q/k/v and these are empty.
     projection_grads = [_empty_heads(q) if global_q is not None else q.new_empty((0,)) for _ in range(3)]
     return (_empty_heads(q), _empty_heads(q), _empty_heads(q), *projection_grads)
@@ -104,23 +109,23 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def _banded_attn_setup(ctx, inputs, output):
     (q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
-     *projections) = inputs
-    global_q, global_k, global_v = projections + [None] * (3 - len(projections))
+     *optional) = inputs
+    global_q, global_k, global_v, allow_tf32 = list(optional) + [None, None, None, False][len(optional):]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v)
-    ctx.args = (window_left, window_right, dilation, causal, scale)
+    ctx.args = (window_left, window_right, dilation, causal, scale, allow_tf32)
     ctx.mark_non_differentiable(lse)
 
 
 def _banded_attn_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v = ctx.saved_tensors
-    window_left, window_right, dilation, causal, scale = ctx.args
+    window_left, window_right, dilation, causal, scale, allow_tf32 = ctx.args
     dq, dk, dv, dgq, dgk, dgv = _ops.banded_attn_backward(
         _last_dim_contiguous(grad_out), q, k, v, out, lse, window_left, window_right, dilation, attention_mask,
-        global_attention_mask, causal, scale, global_q, global_k, global_v)
+        global_attention_mask, causal, scale, global_q, global_k, global_v, allow_tf32)
     if global_q is None:
         dgq = dgk = dgv = None
-    return dq, dk, dv, None, None, None, None, None, None, None, dgq, dgk, dgv
+    return dq, dk, dv, None, None, None, None, None, None, None, dgq, dgk, dgv, None
 
 
 torch.library.register_autograd("longformer::banded_attn", _banded_attn_backward, setup_context=_banded_attn_setup)

@@ -1,12 +1,18 @@
-// Input checks and tensor helpers shared by the CPU and CUDA op glue. Failures raise
-// RuntimeError in Python with a message that names the argument (never abort or print).
+// Input checks and tensor helpers of the op glue (longformer/glue.h), on LibTorch's stable ABI.
+// Failures raise RuntimeError in Python with a message that names the argument (never abort or
+// print): LONGFORMER_CHECK throws std::runtime_error with exactly the text given (the stable ABI's
+// own STD_TORCH_CHECK would prepend the C++ function, file and line).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
 
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,36 +20,94 @@
 
 namespace longformer {
 
-inline void check_heads_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 4, "longformer: ", name, " must be [B, H, N, D], got ", t.sizes());
-  TORCH_CHECK(t.sizes() == like.sizes(), "longformer: ", name, " has shape ", t.sizes(), " but expected ",
-              like.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "longformer: ", name, " has dtype ", t.scalar_type(),
-              " but expected ", like.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "longformer: ", name, " is on ", t.device(), " but expected ",
-              like.device());
-  TORCH_CHECK(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
-              " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using Sizes = torch::headeronly::IntHeaderOnlyArrayRef;
+
+// Message pieces: shapes print as [2, 3], devices as cpu / cuda:0, dtypes by their torch names.
+inline void append(std::ostringstream& os, Sizes sizes) {
+  os << '[';
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  os << ']';
+}
+inline void append(std::ostringstream& os, const torch::stable::Device& d) {
+  os << (d.is_cpu() ? "cpu" : d.is_cuda() ? "cuda" : "device");
+  if (!d.is_cpu()) os << ':' << static_cast<int>(d.index());
+}
+inline void append(std::ostringstream& os, ScalarType t) { os << torch::headeronly::toString(t); }
+template <typename T>
+void append(std::ostringstream& os, const T& value) {
+  os << value;
 }
 
-inline void check_mask(const std::optional<at::Tensor>& mask, const char* name, const at::Tensor& q) {
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::ostringstream os;
+  (append(os, args), ...);
+  return os.str();
+}
+
+#define LONGFORMER_CHECK(cond, ...)                                      \
+  do {                                                                   \
+    if (!(cond)) throw std::runtime_error(::longformer::message(__VA_ARGS__)); \
+  } while (false)
+
+inline ScalarType accumulation_dtype(ScalarType t) {
+  return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+inline void check_heads_tensor(const Tensor& t, const char* name, const Tensor& like) {
+  LONGFORMER_CHECK(t.dim() == 4, "longformer: ", name, " must be [B, H, N, D], got ", t.sizes());
+  LONGFORMER_CHECK(t.sizes().equals(like.sizes()), "longformer: ", name, " has shape ", t.sizes(), " but expected ",
+                   like.sizes());
+  LONGFORMER_CHECK(t.scalar_type() == like.scalar_type(), "longformer: ", name, " has dtype ", t.scalar_type(),
+                   " but expected ", like.scalar_type());
+  LONGFORMER_CHECK(t.device() == like.device(), "longformer: ", name, " is on ", t.device(), " but expected ",
+                   like.device());
+  LONGFORMER_CHECK(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
+                   " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+inline bool is_bool_or_integer(ScalarType t) {
+  switch (t) {
+    case ScalarType::Bool:
+    case ScalarType::Byte:
+    case ScalarType::Char:
+    case ScalarType::Short:
+    case ScalarType::Int:
+    case ScalarType::Long:
+    case ScalarType::UInt16:
+    case ScalarType::UInt32:
+    case ScalarType::UInt64:
+      return true;
+    default:
+      return false;
+  }
+}
+
+inline void check_mask(const std::optional<Tensor>& mask, const char* name, const Tensor& q) {
   if (!mask) return;
-  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2), "longformer: ", name,
-              " must be [B, N] = [", q.size(0), ", ", q.size(2), "], got ", mask->sizes());
-  TORCH_CHECK(mask->scalar_type() == at::kBool || at::isIntegralType(mask->scalar_type(), /*includeBool=*/true),
-              "longformer: ", name, " must be bool or integer (nonzero = set), got ", mask->scalar_type(),
-              "; float (additive) masks are rejected to avoid misreading them");
-  TORCH_CHECK(mask->device() == q.device(), "longformer: ", name, " is on ", mask->device(), " but q is on ",
-              q.device());
+  LONGFORMER_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2), "longformer: ",
+                   name, " must be [B, N] = [", q.size(0), ", ", q.size(2), "], got ", mask->sizes());
+  LONGFORMER_CHECK(is_bool_or_integer(mask->scalar_type()), "longformer: ", name,
+                   " must be bool or integer (nonzero = set), got ", mask->scalar_type(),
+                   "; float (additive) masks are rejected to avoid misreading them");
+  LONGFORMER_CHECK(mask->device() == q.device(), "longformer: ", name, " is on ", mask->device(), " but q is on ",
+                   q.device());
+}
+
+// The mask as the kernels read it (params.h): raw elements through their strides.
+inline MaskView mask_view(const std::optional<Tensor>& mask) {
+  if (!mask) return {};
+  return MaskView{mask->const_data_ptr(), mask->stride(0), mask->stride(1), static_cast<int>(mask->element_size())};
 }
 
 // The optional global projections of banded_attn: all three or none (none: the rows of global
 // tokens use q, k, v). Returns whether they were given.
-inline bool check_global_projections(const std::optional<at::Tensor>& global_q,
-                                     const std::optional<at::Tensor>& global_k,
-                                     const std::optional<at::Tensor>& global_v, const at::Tensor& q) {
-  TORCH_CHECK(global_q.has_value() == global_k.has_value() && global_k.has_value() == global_v.has_value(),
-              "longformer: global_q, global_k and global_v must be given together (all three or none)");
+inline bool check_global_projections(const std::optional<Tensor>& global_q, const std::optional<Tensor>& global_k,
+                                     const std::optional<Tensor>& global_v, const Tensor& q) {
+  LONGFORMER_CHECK(global_q.has_value() == global_k.has_value() && global_k.has_value() == global_v.has_value(),
+                   "longformer: global_q, global_k and global_v must be given together (all three or none)");
   if (!global_q) return false;
   check_heads_tensor(*global_q, "global_q", q);
   check_heads_tensor(*global_k, "global_k", q);
@@ -53,15 +117,15 @@ inline bool check_global_projections(const std::optional<at::Tensor>& global_q,
 
 // One dilation per head (a single value applies to all heads), each in [1, 2^31); at most
 // kMaxHeads heads (the parameter blocks hold the dilations by value).
-inline std::vector<int64_t> per_head_dilation(at::IntArrayRef dilation, int64_t heads) {
-  TORCH_CHECK(heads <= kMaxHeads, "longformer: at most ", kMaxHeads, " heads are supported, got ", heads);
-  TORCH_CHECK(dilation.size() == 1 || static_cast<int64_t>(dilation.size()) == heads,
-              "longformer: dilation must have 1 or H = ", heads, " entries, got ", dilation.size());
-  std::vector<int64_t> out(dilation.begin(), dilation.end());
+inline std::vector<int64_t> per_head_dilation(const std::vector<int64_t>& dilation, int64_t heads) {
+  LONGFORMER_CHECK(heads <= kMaxHeads, "longformer: at most ", kMaxHeads, " heads are supported, got ", heads);
+  LONGFORMER_CHECK(dilation.size() == 1 || static_cast<int64_t>(dilation.size()) == heads,
+                   "longformer: dilation must have 1 or H = ", heads, " entries, got ", dilation.size());
+  std::vector<int64_t> out = dilation;
   if (out.size() == 1) out.assign(heads, out[0]);
   for (int64_t d : out) {
-    TORCH_CHECK(d >= 1 && d <= std::numeric_limits<int32_t>::max(), "longformer: dilation must be in [1, 2^31), got ",
-                d);
+    LONGFORMER_CHECK(d >= 1 && d <= std::numeric_limits<int32_t>::max(),
+                     "longformer: dilation must be in [1, 2^31), got ", d);
   }
   return out;
 }
@@ -77,59 +141,58 @@ inline void set_dilation(Params& p, const std::vector<int64_t>& per_head) {
 }
 
 inline void check_window(int64_t left, int64_t right) {
-  TORCH_CHECK(left >= 0 && right >= 0, "longformer: window sides must be >= 0, got (", left, ", ", right, ")");
-}
-
-// [B, N] uint8 roles on q's device: 0 padding, 1 local, 2 global (a padding token is never global).
-inline at::Tensor token_roles(const at::Tensor& q, const std::optional<at::Tensor>& attention_mask,
-                              const std::optional<at::Tensor>& global_attention_mask) {
-  auto opts = q.options().dtype(at::kByte);
-  at::Tensor real = attention_mask ? attention_mask->ne(0).to(at::kByte) : at::ones({q.size(0), q.size(2)}, opts);
-  at::Tensor roles = real;
-  if (global_attention_mask) roles = real + real * global_attention_mask->ne(0).to(at::kByte);
-  return roles.contiguous();
-}
-
-// An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D].
-inline at::Tensor empty_heads(at::IntArrayRef bhnd, const at::TensorOptions& opts) {
-  return at::empty({bhnd[0], bhnd[2], bhnd[1], bhnd[3]}, opts).permute({0, 2, 1, 3});
-}
-
-inline at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+  LONGFORMER_CHECK(left >= 0 && right >= 0, "longformer: window sides must be >= 0, got (", left, ", ", right, ")");
 }
 
 // The band operand of the unfused matmuls: [B, H, N, width] with the dtype and device of `heads`.
-inline void check_band(const at::Tensor& band, const at::Tensor& heads, int64_t width) {
-  TORCH_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
-                  band.size(2) == heads.size(2) && band.size(3) == width,
-              "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1), ", ",
-              heads.size(2), ", ", width, "], got ", band.sizes());
-  TORCH_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
-              "longformer: band must have the dtype and device of the other operand");
+inline void check_band(const Tensor& band, const Tensor& heads, int64_t width) {
+  LONGFORMER_CHECK(band.dim() == 4 && band.size(0) == heads.size(0) && band.size(1) == heads.size(1) &&
+                       band.size(2) == heads.size(2) && band.size(3) == width,
+                   "longformer: band must be [B, H, N, left + right + 1] = [", heads.size(0), ", ", heads.size(1),
+                   ", ", heads.size(2), ", ", width, "], got ", band.sizes());
+  LONGFORMER_CHECK(band.scalar_type() == heads.scalar_type() && band.device() == heads.device(),
+                   "longformer: band must have the dtype and device of the other operand");
+}
+
+// t itself when contiguous (torch::stable::contiguous is a dispatcher call even then), else a copy.
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// The forward's lse as the backward takes it: [B, H, N] in the accumulation dtype on q's device.
+inline Tensor checked_lse(const Tensor& lse, const Tensor& q) {
+  LONGFORMER_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                       lse.size(2) == q.size(2) && lse.scalar_type() == accumulation_dtype(q.scalar_type()) &&
+                       lse.device() == q.device(),
+                   "longformer: lse must be [B, H, N] in the accumulation dtype on q's device, as returned by "
+                   "banded_attn");
+  return as_contiguous(lse);
+}
+
+// An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D].
+inline Tensor empty_heads(const Tensor& like) {
+  Tensor t = torch::stable::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.scalar_type(),
+                                  std::nullopt, like.device());
+  return torch::stable::transpose(t, 1, 2);
+}
+
+inline Tensor zeros_heads(const Tensor& like) {
+  Tensor t = empty_heads(like);
+  torch::stable::zero_(t);
+  return t;
+}
+
+// An uninitialised tensor of `sizes` with `dtype` on the device of `like`.
+inline Tensor empty_on(const Tensor& like, Sizes sizes, ScalarType dtype) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
 }
 
 // A [B, H, N] log-sum-exp in the accumulation dtype, -inf everywhere (rows without keys keep it).
-inline at::Tensor lse_like(const at::Tensor& q) {
-  return at::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
-                  q.options().dtype(accumulation_dtype(q.scalar_type())));
+inline Tensor lse_like(const Tensor& q) {
+  return torch::stable::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(),
+                             accumulation_dtype(q.scalar_type()), std::nullopt, q.device());
 }
 
-inline RowMajorHeads heads_view(const at::Tensor& t) {
+inline RowMajorHeads heads_view(const Tensor& t) {
   return RowMajorHeads{t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// The parameters of the global rows: those of the local rows with the global projections, if given.
-inline AttentionParams global_rows_params(const AttentionParams& local, const std::optional<at::Tensor>& global_q,
-                                          const std::optional<at::Tensor>& global_k,
-                                          const std::optional<at::Tensor>& global_v) {
-  AttentionParams p = local;
-  if (global_q) {
-    p.q = heads_view(*global_q);
-    p.k = heads_view(*global_k);
-    p.v = heads_view(*global_v);
-  }
-  return p;
 }
 
 }  // namespace longformer

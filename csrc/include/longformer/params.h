@@ -23,6 +23,30 @@ constexpr int64_t kMaxHeads = 256;
 // Token roles, one byte per (batch, position): built from attention_mask / global_attention_mask.
 enum Role : uint8_t { kPadding = 0, kLocal = 1, kGlobal = 2 };
 
+// A [B, N] mask of any integer or bool dtype, read as raw elements (nonzero = set), strides in
+// elements; data null: no mask (every element set). Masks are read as they are, never converted.
+struct MaskView {
+  const void* data = nullptr;
+  int64_t stride_b = 0, stride_n = 0;
+  int element_bytes = 1;
+
+  LONGFORMER_HOST_DEVICE bool is_set(int64_t b, int64_t n) const {
+    if (data == nullptr) return true;
+    const unsigned char* e = static_cast<const unsigned char*>(data) + (b * stride_b + n * stride_n) * element_bytes;
+    unsigned char any = 0;
+    for (int i = 0; i < element_bytes; ++i) any |= e[i];
+    return any != 0;
+  }
+};
+
+// The role of token n of batch row b (docs/design.md §2): padding where attention_mask is 0, else
+// global where global_attention_mask is set, else local (a padding token marked global is padding).
+LONGFORMER_HOST_DEVICE Role token_role(const MaskView& attention_mask, const MaskView& global_attention_mask,
+                                       int64_t b, int64_t n) {
+  if (!attention_mask.is_set(b, n)) return kPadding;
+  return global_attention_mask.data != nullptr && global_attention_mask.is_set(b, n) ? kGlobal : kLocal;
+}
+
 // A [B, H, N, D] operand whose last dimension is contiguous.
 struct RowMajorHeads {
   void* data = nullptr;

@@ -9,27 +9,30 @@
 // nonzero = global token (a padding token is never global). dilation has 1 or H entries.
 #pragma once
 
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 namespace longformer {
 
-inline void define_schemas(torch::Library& m) {
+inline void define_schemas(torch::stable::detail::StableLibrary& m) {
   // Every row. A local row attends to its band keys (j = i + t*dilation[h], -left <= t <= right,
   // local and real) plus every real global key; a global row attends to every real key, with the
   // global projections when given (all three or none; none: q, k, v); a padding row is 0. lse is
-  // every row's log-sum-exp, -inf for rows without a key (padding rows among them).
+  // every row's log-sum-exp, -inf for rows without a key (padding rows among them). allow_tf32:
+  // float32 products may run as TF32 on tensor cores (CUDA; the Python wrappers pass
+  // torch.backends.cuda.matmul.allow_tf32); ignored elsewhere.
   m.def(
       "banded_attn(Tensor q, Tensor k, Tensor v, int window_left, int window_right, int[] dilation, "
       "Tensor? attention_mask, Tensor? global_attention_mask, bool causal, float scale, "
-      "Tensor? global_q=None, Tensor? global_k=None, Tensor? global_v=None) -> (Tensor out, Tensor lse)");
+      "Tensor? global_q=None, Tensor? global_k=None, Tensor? global_v=None, bool allow_tf32=False) -> "
+      "(Tensor out, Tensor lse)");
   // Without global projections the global rows' gradients are summed into grad_q/k/v and the
   // grad_global_* are empty ([0]); with them, they are [B, H, N, D] like q.
   m.def(
       "banded_attn_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int window_left, int window_right, int[] dilation, Tensor? attention_mask, "
       "Tensor? global_attention_mask, bool causal, float scale, Tensor? global_q=None, Tensor? global_k=None, "
-      "Tensor? global_v=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_global_q, "
-      "Tensor grad_global_k, Tensor grad_global_v)");
+      "Tensor? global_v=None, bool allow_tf32=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+      "Tensor grad_global_q, Tensor grad_global_k, Tensor grad_global_v)");
 
   // Unfused products over the band layout [B, H, N, left + right + 1], slot t of row i being key
   // j = i + (t - left) * dilation[h]:

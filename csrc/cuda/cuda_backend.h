@@ -1,0 +1,136 @@
+// The CUDA kernels (launchers.h) as a backend of the op glue (longformer/glue.h), shared by the
+// CUDA build (ops_cuda.cpp) and the host-emulated build of the same kernels
+// (emulation/ops_emulated.cpp). They differ only in `Device`, a struct with
+//   static void* stream(const Tensor& q);           the stream to launch on
+//   static void check(int error, const char* op);  raises on a nonzero launcher result
+//   struct Scope { explicit Scope(const Tensor& q); };  held for the call (device guard)
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include "launchers.h"
+#include "longformer/glue.h"
+
+namespace longformer::cuda {
+
+constexpr int64_t kMaxHeadDim = 256;
+
+inline DType kernel_dtype(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Double: return DType::kFloat64;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    default:
+      LONGFORMER_CHECK(false, "longformer: CUDA kernels support float32, float64, float16 and bfloat16, got ", t);
+  }
+  return DType::kFloat32;
+}
+
+// Whether the tiled kernels run (launchers.h; tensor cores for float16/bfloat16, FMA tiles for
+// float32, each where its *_mma_supports allows): yes unless `variable` (LONGFORMER_CUDA_FORWARD,
+// LONGFORMER_CUDA_BACKWARD) says simt (kept so the two paths can be compared on the same inputs;
+// float64 always uses SIMT).
+inline bool use_tiled_kernels(DType dtype, const char* variable) {
+  if (dtype == DType::kFloat64) return false;
+  const char* choice = std::getenv(variable);
+  if (choice == nullptr || std::strcmp(choice, "mma") == 0 || std::strcmp(choice, "auto") == 0) return true;
+  LONGFORMER_CHECK(std::strcmp(choice, "simt") == 0, "longformer: ", variable, " must be auto, mma or simt, got ",
+                   choice);
+  return false;
+}
+
+// The attention kernels' dtype: float32 becomes kFloat32Tf32 (its tiled products as TF32 on tensor
+// cores) where the caller allows TF32 matmuls (the Python wrappers pass
+// torch.backends.cuda.matmul.allow_tf32, which torch.set_float32_matmul_precision("high" /
+// "medium") also sets; torch.compile guards on it).
+inline DType attention_dtype(const AttentionCall& c) {
+  const DType dtype = kernel_dtype(c.dtype);
+  return dtype == DType::kFloat32 && c.allow_tf32 ? DType::kFloat32Tf32 : dtype;
+}
+
+template <typename Device>
+struct CudaBackend {
+  static constexpr bool kZeroFilledOutputs = true;  // launchers.h: kernels write only the rows they compute
+  using DeviceScope = typename Device::Scope;
+
+  static void check_supported(const Tensor& q, bool attention) {
+    kernel_dtype(q.scalar_type());
+    LONGFORMER_CHECK(!attention || q.size(3) <= kMaxHeadDim, "longformer: CUDA kernels support head dims up to ",
+                     kMaxHeadDim, ", got ", q.size(3));
+  }
+
+  // Token roles and the sorted global positions, prepared on the device from the masks as they are.
+  struct Tokens {
+    Tensor roles;          // uint8 [B, N]
+    Tensor global_tokens;  // int64 [B * N + B]: global_index [B, N], then global_count [B]
+    GlobalKeys globals;
+    void* stream;          // the stream of q's device, for every launch of the call
+  };
+
+  static Tokens prepare_tokens(const Tensor& q, const MaskView& attention, const MaskView& global,
+                               AttentionParams& p) {
+    const int64_t B = p.batch, N = p.seqlen;
+    Tensor roles = empty_on(q, {B, N}, ScalarType::Byte), global_tokens = empty_on(q, {B * N + B}, ScalarType::Long);
+    int64_t* tokens = global_tokens.mutable_data_ptr<int64_t>();
+    p.roles = roles.mutable_data_ptr<uint8_t>();
+    Tokens t{roles, global_tokens, GlobalKeys{tokens, tokens + B * N}, Device::stream(q)};
+    Device::check(prepare_token_roles(attention, global, B, N, roles.mutable_data_ptr<uint8_t>(), tokens,
+                                      tokens + B * N, t.stream),
+                  "token roles");
+    return t;
+  }
+
+  static int64_t forward_workspace_bytes(const AttentionCall& c) {
+    return c.has_global_rows ? global_attention_forward_workspace_bytes(c.global, kernel_dtype(c.dtype)) : 0;
+  }
+
+  static void forward(const AttentionCall& c, const Tokens& t) {
+    void* stream = t.stream;
+    const DType storage = kernel_dtype(c.dtype), dtype = attention_dtype(c);
+    const bool tiled = use_tiled_kernels(storage, "LONGFORMER_CUDA_FORWARD");
+    if (tiled && banded_attention_forward_mma_supports(c.local, dtype)) {
+      Device::check(banded_attention_forward_mma(c.local, t.globals, dtype, stream), "banded_attn");
+    } else {
+      Device::check(banded_attention_forward_simt(c.local, t.globals, storage, stream), "banded_attn");
+    }
+    if (c.has_global_rows) {  // the global rows, into the same out and lse
+      Device::check(global_attention_forward(c.global, t.globals, c.workspace, dtype, tiled, stream),
+                    "banded_attn (global rows)");
+    }
+  }
+
+  // One workspace for both launches: they run one after the other on the stream.
+  static int64_t backward_workspace_bytes(const AttentionCall& c) {
+    const DType storage = kernel_dtype(c.dtype);
+    const int64_t local = banded_attention_backward_workspace_bytes(c.local, storage);
+    return c.has_global_rows ? std::max(local, global_attention_backward_workspace_bytes(c.global, storage)) : local;
+  }
+
+  static void backward(const AttentionCall& c, const Tokens& t) {
+    void* stream = t.stream;
+    const DType dtype = attention_dtype(c);
+    const bool tiled = use_tiled_kernels(kernel_dtype(c.dtype), "LONGFORMER_CUDA_BACKWARD");
+    Device::check(banded_attention_backward(c.local, t.globals, c.workspace, dtype, tiled, stream),
+                  "banded_attn_backward");
+    if (c.has_global_rows) {
+      Device::check(global_attention_backward(c.global, t.globals, c.workspace, dtype, c.accumulate_global, tiled,
+                                              stream),
+                    "banded_attn_backward (global rows)");
+    }
+  }
+
+  static void banded_matmul(BandedMatmulOp op, const BandedMatmulParams& p, const Tensor& heads) {
+    const DType d = kernel_dtype(heads.scalar_type());
+    void* stream = Device::stream(heads);
+    switch (op) {
+      case BandedMatmulOp::kQK: return Device::check(banded_matmul_qk(p, d, stream), "banded_matmul_qk");
+      case BandedMatmulOp::kPV: return Device::check(banded_matmul_pv(p, d, stream), "banded_matmul_pv");
+      case BandedMatmulOp::kPVTransposed:
+        return Device::check(banded_matmul_pv_transposed(p, d, stream), "banded_matmul_pv_transposed");
+    }
+  }
+};
+
+}  // namespace longformer::cuda

@@ -1,0 +1,237 @@
+// The op glue, written once for every backend (CPU: csrc/cpu/ops_cpu.cpp; CUDA and its host
+// emulation: csrc/cuda/cuda_backend.h): input checks, output allocation, the output contract and
+// the parameter blocks. A backend only supplies its launchers, as static members of one struct:
+//
+//   static constexpr bool kZeroFilledOutputs;  its kernels expect out (forward, pv, pv_transposed)
+//                                              zero-filled, instead of writing every element
+//   struct DeviceScope { explicit DeviceScope(const Tensor& q); };  held for the call
+//   static void check_supported(const Tensor& q, bool attention);  dtypes (and, for the
+//                                              attention ops, head dims)
+//   struct Tokens;  static Tokens prepare_tokens(const Tensor& q, const MaskView& attention,
+//                                                const MaskView& global, AttentionParams& p);
+//                  the roles of p (and whatever else the kernels read), alive for the call
+//   static int64_t forward_workspace_bytes(const AttentionCall&);
+//   static void forward(const AttentionCall&, const Tokens&);
+//   static int64_t backward_workspace_bytes(const AttentionCall&);
+//   static void backward(const AttentionCall&, const Tokens&);
+//   static void banded_matmul(BandedMatmulOp, const BandedMatmulParams&, const Tensor& heads);
+//
+// The output contract (the same on every backend; semantics in longformer/schemas.h): out is
+// [B, H, N, D] as a view of a contiguous [B, N, H, D], every row written (padding rows 0); lse is
+// [B, H, N] in the accumulation dtype, -inf for rows without keys; the gradients are [B, H, N, D]
+// like out, zero where no gradient flows; grad_global_* are [0] without global projections.
+// Empty inputs return these shapes without launching anything.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "longformer/checks.h"
+
+namespace longformer {
+
+// One attention call as a backend's launchers see it.
+struct AttentionCall {
+  AttentionParams local;     // the local rows; out/lse (forward) or the gradients (backward) set
+  AttentionParams global;    // the global rows: local's, with the global projections when given
+  bool has_global_rows = false;     // a global_attention_mask was given
+  bool accumulate_global = false;   // backward: the global rows' dK, dV add to the local rows' (no projections)
+  ScalarType dtype = ScalarType::Float;
+  bool allow_tf32 = false;   // float32 products may run as TF32 (the caller's torch setting)
+  void* workspace = nullptr; // the bytes *_workspace_bytes asked for, uninitialised
+};
+
+enum class BandedMatmulOp { kQK, kPV, kPVTransposed };
+
+template <typename Backend>
+struct Glue {
+  using Tokens = typename Backend::Tokens;
+
+  struct Prepared {
+    AttentionCall call;
+    std::optional<Tokens> tokens;  // none for empty inputs
+  };
+
+  static Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window_left,
+                          int64_t window_right, const std::vector<int64_t>& dilation,
+                          const std::optional<Tensor>& attention_mask,
+                          const std::optional<Tensor>& global_attention_mask, bool causal, double scale,
+                          bool allow_tf32) {
+    check_heads_tensor(q, "q", q);
+    check_heads_tensor(k, "k", q);
+    check_heads_tensor(v, "v", q);
+    Backend::check_supported(q, /*attention=*/true);
+    check_window(window_left, window_right);
+    check_mask(attention_mask, "attention_mask", q);
+    check_mask(global_attention_mask, "global_attention_mask", q);
+    const std::vector<int64_t> per_head = per_head_dilation(dilation, q.size(1));
+    Prepared out;
+    AttentionCall& c = out.call;
+    c.dtype = q.scalar_type();
+    c.allow_tf32 = allow_tf32;
+    c.has_global_rows = global_attention_mask.has_value();
+    AttentionParams& p = c.local;
+    p.batch = q.size(0);
+    p.heads = q.size(1);
+    p.seqlen = q.size(2);
+    p.head_dim = q.size(3);
+    p.q = heads_view(q);
+    p.k = heads_view(k);
+    p.v = heads_view(v);
+    set_dilation(p, per_head);  // by value: no host-to-device copy, no stream synchronisation
+    p.window_left = window_left;
+    p.window_right = window_right;
+    p.causal = causal;
+    p.scale = scale;
+    if (q.numel() != 0) {
+      out.tokens.emplace(Backend::prepare_tokens(q, mask_view(attention_mask), mask_view(global_attention_mask), p));
+    }
+    return out;
+  }
+
+  // The global rows' parameters: the local rows' with the global projections, if given.
+  static void set_global_rows(AttentionCall& c, const std::optional<Tensor>& global_q,
+                              const std::optional<Tensor>& global_k, const std::optional<Tensor>& global_v) {
+    c.global = c.local;
+    if (global_q) {
+      c.global.q = heads_view(*global_q);
+      c.global.k = heads_view(*global_k);
+      c.global.v = heads_view(*global_v);
+    }
+  }
+
+  static Tensor workspace(const Tensor& like, int64_t bytes) {
+    return empty_on(like, {std::max<int64_t>(bytes, 1)}, ScalarType::Byte);
+  }
+
+  static Tensor output_heads(const Tensor& like) {
+    return Backend::kZeroFilledOutputs ? zeros_heads(like) : empty_heads(like);
+  }
+
+  static std::tuple<Tensor, Tensor> banded_attn(Tensor q, Tensor k, Tensor v, int64_t window_left,
+                                                int64_t window_right, std::vector<int64_t> dilation,
+                                                std::optional<Tensor> attention_mask,
+                                                std::optional<Tensor> global_attention_mask, bool causal,
+                                                double scale, std::optional<Tensor> global_q,
+                                                std::optional<Tensor> global_k, std::optional<Tensor> global_v,
+                                                bool allow_tf32) {
+    typename Backend::DeviceScope scope(q);
+    Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                            causal, scale, allow_tf32);
+    check_global_projections(global_q, global_k, global_v, q);
+    Tensor lse = lse_like(q);
+    if (!prep.tokens) return {zeros_heads(q), lse};
+    Tensor out = output_heads(q);
+    AttentionCall& c = prep.call;
+    c.local.out = heads_view(out);
+    c.local.lse = lse.data_ptr();
+    set_global_rows(c, global_q, global_k, global_v);
+    Tensor scratch = workspace(q, Backend::forward_workspace_bytes(c));
+    c.workspace = scratch.data_ptr();
+    Backend::forward(c, *prep.tokens);
+    return {out, lse};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> banded_attn_backward(
+      Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int64_t window_left,
+      int64_t window_right, std::vector<int64_t> dilation, std::optional<Tensor> attention_mask,
+      std::optional<Tensor> global_attention_mask, bool causal, double scale, std::optional<Tensor> global_q,
+      std::optional<Tensor> global_k, std::optional<Tensor> global_v, bool allow_tf32) {
+    typename Backend::DeviceScope scope(q);
+    Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
+                            causal, scale, allow_tf32);
+    const bool projections = check_global_projections(global_q, global_k, global_v, q);
+    check_heads_tensor(grad_out, "grad_out", q);
+    check_heads_tensor(out, "out", q);
+    Tensor dq = zeros_heads(q), dk = zeros_heads(q), dv = zeros_heads(q);
+    auto projection_grad = [&] { return projections ? zeros_heads(q) : empty_on(q, {0}, q.scalar_type()); };
+    Tensor dgq = projection_grad(), dgk = projection_grad(), dgv = projection_grad();
+    if (!prep.tokens) return {dq, dk, dv, dgq, dgk, dgv};
+    Tensor lse_c = checked_lse(lse, q);
+    AttentionCall& c = prep.call;
+    AttentionParams& p = c.local;
+    p.out = heads_view(out);
+    p.grad_out = heads_view(grad_out);
+    p.lse = lse_c.data_ptr();
+    p.grad_q = heads_view(dq);
+    p.grad_k = heads_view(dk);
+    p.grad_v = heads_view(dv);
+    set_global_rows(c, global_q, global_k, global_v);
+    if (projections) {
+      c.global.grad_q = heads_view(dgq);
+      c.global.grad_k = heads_view(dgk);
+      c.global.grad_v = heads_view(dgv);
+    }
+    c.accumulate_global = !projections;  // same tensors: the global rows' dK, dV add to the local rows'
+    Tensor scratch = workspace(q, Backend::backward_workspace_bytes(c));
+    c.workspace = scratch.data_ptr();
+    Backend::backward(c, *prep.tokens);
+    return {dq, dk, dv, dgq, dgk, dgv};
+  }
+
+  // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.
+  static BandedMatmulParams banded_params(const Tensor& heads, int64_t window_left, int64_t window_right,
+                                          const std::vector<int64_t>& dilation) {
+    Backend::check_supported(heads, /*attention=*/false);
+    check_window(window_left, window_right);
+    BandedMatmulParams p;
+    set_dilation(p, per_head_dilation(dilation, heads.size(1)));
+    p.batch = heads.size(0);
+    p.heads = heads.size(1);
+    p.seqlen = heads.size(2);
+    p.head_dim = heads.size(3);
+    p.window_left = window_left;
+    p.window_right = window_right;
+    return p;
+  }
+
+  static Tensor banded_matmul_qk(Tensor q, Tensor k, int64_t window_left, int64_t window_right,
+                                 std::vector<int64_t> dilation, double fill) {
+    typename Backend::DeviceScope scope(q);
+    check_heads_tensor(q, "q", q);
+    check_heads_tensor(k, "k", q);
+    BandedMatmulParams p = banded_params(q, window_left, window_right, dilation);
+    Tensor band = empty_on(q, {q.size(0), q.size(1), q.size(2), p.band_width()}, q.scalar_type());
+    if (band.numel() == 0) return band;
+    p.a = heads_view(q);
+    p.b = heads_view(k);
+    p.band = band.data_ptr();
+    p.fill = fill;
+    Backend::banded_matmul(BandedMatmulOp::kQK, p, q);
+    return band;
+  }
+
+  template <bool kTransposed>
+  static Tensor banded_matmul_band_times_heads(Tensor band, Tensor x, int64_t window_left, int64_t window_right,
+                                               std::vector<int64_t> dilation) {
+    typename Backend::DeviceScope scope(x);
+    check_heads_tensor(x, kTransposed ? "x" : "v", x);
+    BandedMatmulParams p = banded_params(x, window_left, window_right, dilation);
+    check_band(band, x, p.band_width());
+    Tensor band_c = as_contiguous(band);
+    if (x.numel() == 0) return zeros_heads(x);
+    Tensor out = output_heads(x);
+    p.band = band_c.data_ptr();
+    p.out = heads_view(out);
+    (kTransposed ? p.a : p.b) = heads_view(x);
+    Backend::banded_matmul(kTransposed ? BandedMatmulOp::kPVTransposed : BandedMatmulOp::kPV, p, x);
+    return out;
+  }
+};
+
+}  // namespace longformer
+
+// Registers the glue for one backend under one dispatch key of one library namespace.
+#define LONGFORMER_REGISTER_GLUE(ns, key, Backend)                                                                \
+  STABLE_TORCH_LIBRARY_IMPL(ns, key, m) {                                                                         \
+    using G = ::longformer::Glue<Backend>;                                                                        \
+    m.impl("banded_attn", TORCH_BOX(&G::banded_attn));                                                            \
+    m.impl("banded_attn_backward", TORCH_BOX(&G::banded_attn_backward));                                          \
+    m.impl("banded_matmul_qk", TORCH_BOX(&G::banded_matmul_qk));                                                  \
+    m.impl("banded_matmul_pv", TORCH_BOX(&G::template banded_matmul_band_times_heads<false>));                    \
+    m.impl("banded_matmul_pv_transposed", TORCH_BOX(&G::template banded_matmul_band_times_heads<true>));          \
+  }
