@@ -18,7 +18,7 @@ from cuda_cases import HALF_TYPES, same_dtype_reference, small_cases
 
 try:
     from longformer_ext import _build_info
-    _WITH_CUDA = _build_info.WITH_CUDA
+    _WITH_CUDA = _build_info.CUDA_MAJOR is not None
 except ImportError:
     _WITH_CUDA = False
 
@@ -223,3 +223,26 @@ def test_cuda_backward_is_deterministic():
         results.append(_run(case, tensors, kwargs)[1])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_cuda_launches_on_the_current_stream_and_device():
+    """The glue launches on the caller's current stream (torch's stable accelerator API): inputs made
+    on a side stream are read after they are written, and the result equals the default stream's;
+    with a second GPU, tensors on cuda:1 run there (the device guard)."""
+    case = Case(batch=1, heads=4, seqlen=4096, dim=64, window=(256, 256), dilation=[1], globals="one",
+                dtype=torch.bfloat16, seed=21)
+    tensors, kwargs = _inputs(case)
+    expected = longformer_attention(*tensors[:3], case.window, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keeps the side stream busy: a launch on another stream would race ahead
+        q, k, v = (t * 1 for t in tensors[:3])
+        out = longformer_attention(q, k, v, case.window, **kwargs)
+    side.synchronize()
+    assert torch.equal(out, expected)
+    if torch.cuda.device_count() > 1:
+        moved = {n: (t.to("cuda:1") if torch.is_tensor(t) else t) for n, t in kwargs.items()}
+        on_second = longformer_attention(*(t.to("cuda:1") for t in tensors[:3]), case.window, **moved)
+        assert on_second.device == torch.device("cuda:1")
+        assert torch.equal(on_second.cpu(), expected.cpu())

@@ -38,7 +38,7 @@ def _library():
     if override:
         return Path(override)
     from longformer_ext import _build_info
-    _require(_build_info.WITH_CUDA, "this build of longformer_ext has no CUDA kernels")
+    _require(_build_info.CUDA_MAJOR is not None, "this build of longformer_ext has no CUDA kernels")
     return Path(longformer_ext.__file__).parent / "_longformer_ops.so"
 
 

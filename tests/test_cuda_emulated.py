@@ -444,7 +444,7 @@ def test_masks_of_every_integer_dtype_and_layout(dtype):
     assert (outs[0].double() - expected).abs().max().item() < 1e-5
 
 
-# ATen calls each op's glue (csrc/cuda/ops_glue.h, shared by the CUDA build) makes around its
+# ATen calls each op's glue (csrc/include/longformer/glue.h with cuda/cuda_backend.h, as in the CUDA build) makes around its
 # kernels today, counted below: a ceiling, so that the glue only gets leaner. They allocate the
 # outputs, the workspace and the token buffers (token roles and global positions are prepared by
 # one kernel, token_roles.cu), zero the gradients, and view [B, N, H, D] storage as [B, H, N, D].
