@@ -8,7 +8,8 @@ call) and the table gives the median over rounds per build, and after/before.
 
 Cases (B=1, H=12, D=64, window 256 a side; G global tokens spread over the sequence):
   forward fp32 / bf16 at N=4096, forward+backward fp32 at N=4096, the global path (G=64) forward and
-  forward+backward, and the per-call cost at N=64 (microseconds; where the glue dominates).
+  forward+backward, the per-call cost of longformer_attention at N=64 and of the op itself
+  (torch.ops.longformer.banded_attn, B=H=1, N=D=8) in microseconds, where the glue dominates.
 
     python bench/compare_builds.py --build before=/tmp/old/python:/tmp/old_ops.so \\
         --build after=python:build/torch-2.13.0+cpu/_longformer_ops.so --rounds 5
@@ -29,6 +30,7 @@ CASES = {  # name: (N, G, dtype, backward, repeats)
     "forward fp32 N=4096 G=64": (4096, 64, "float32", False, 7),
     "fwd+bwd fp32 N=4096 G=64": (4096, 64, "float32", True, 5),
     "per call fp32 N=64 (us)": (64, 0, "float32", False, 2000),
+    "op call N=8 (us)": (8, 0, "float32", False, 5000),
 }
 
 
@@ -40,14 +42,18 @@ def worker() -> None:
     torch.manual_seed(0)
     times = {}
     for name, (n, g, dtype, backward, repeats) in CASES.items():
-        q, k, v = (torch.randn(1, 12, n, 64, dtype=getattr(torch, dtype), requires_grad=backward) for _ in range(3))
+        heads, dim = (1, 8) if name.startswith("op call") else (12, 64)
+        q, k, v = (torch.randn(1, heads, n, dim, dtype=getattr(torch, dtype), requires_grad=backward)
+                   for _ in range(3))
         glob = None
         if g:
             glob = torch.zeros(1, n, dtype=torch.bool)
             glob[0, torch.linspace(0, n - 1, g).long()] = True
 
         def call():
-            if backward:
+            if name.startswith("op call"):  # the op alone: the C++ glue and the dispatcher
+                torch.ops.longformer.banded_attn(q, k, v, 2, 2, [1], None, None, False, 0.125)
+            elif backward:
                 longformer_attention(q, k, v, 256, global_attention_mask=glob).sum().backward()
             else:
                 with torch.no_grad():
