@@ -82,6 +82,7 @@ def main() -> int:
     p.add_argument("--build", action="append", required=True, metavar="NAME=PYTHONPATH:LIBRARY",
                    help="a build to time (give two: the first is the baseline)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", help="also write every round's figures here")
     args = p.parse_args()
     builds = []
     for spec in args.build:
@@ -96,6 +97,9 @@ def main() -> int:
                                  check=True)
             for case, value in json.loads(out.stdout.strip().splitlines()[-1]).items():
                 results[name][case].append(value)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     base = builds[0][0]
     header = f"| case (ms unless noted) | " + " | ".join(n for n, _, _ in builds) + " | " + " | ".join(
         f"{n}/{base}" for n, _, _ in builds[1:]) + " |"

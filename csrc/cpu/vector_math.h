@@ -42,12 +42,18 @@ struct SimdOf {
   static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
 };
 
-// The integer vector with one lane per lane of a float (int32) or double (int64) vector.
+// The unsigned integer vector with one lane per lane of a float (32 bits) or double (64 bits) vector.
 template <typename acc> struct LanesOf;
-template <> struct LanesOf<float> { typedef int32_t vec __attribute__((vector_size(kVectorBytes))); };
-template <> struct LanesOf<double> { typedef int64_t vec __attribute__((vector_size(kVectorBytes))); };
+template <> struct LanesOf<float> {
+  using lane = uint32_t;
+  typedef lane unsigned_vec __attribute__((vector_size(kVectorBytes)));
+};
+template <> struct LanesOf<double> {
+  using lane = uint64_t;
+  typedef lane unsigned_vec __attribute__((vector_size(kVectorBytes)));
+};
 
-// The constants of exp for one dtype: the range where the result is a normal number, 1.5 * 2^m
+// The constants of exp for one dtype: the range where 2^n is a normal number, 1.5 * 2^m
 // (m = mantissa bits: adding and subtracting it rounds to the nearest integer), ln 2 split into a
 // part with trailing zero bits (n * kLn2High is exact) and the rest, and the Taylor degree that
 // makes the truncation error fall below half an ulp on |r| <= ln(2) / 2.
@@ -77,22 +83,23 @@ constexpr acc inverse_factorial(int k) {
 template <typename acc>
 typename SimdOf<acc>::vec exp_lanes(typename SimdOf<acc>::vec x) {
   using V = typename SimdOf<acc>::vec;
-  using I = typename LanesOf<acc>::vec;
+  using U = typename LanesOf<acc>::unsigned_vec;
   using C = ExpConstants<acc>;
-  const V lowest = V{} + C::kLowest, highest = V{} + C::kHighest, round = V{} + C::kRound;
-  const V clamped = x < lowest ? lowest : (x > highest ? highest : x);
-  const V shifted = clamped * acc(1.4426950408889634) + round;  // 1.5 * 2^m + n: n in the low mantissa bits
+  const V round = V{} + C::kRound;
+  // No clamping first: outside [kLowest, kHighest] (infinities included) the lanes below compute
+  // garbage that the two selects at the end replace, and a NaN stays NaN through the arithmetic.
+  const V shifted = x * acc(1.4426950408889634) + round;  // 1.5 * 2^m + n: n in the low mantissa bits
   const V n = shifted - round;
-  const I n_bits = std::bit_cast<I>(shifted) - std::bit_cast<I>(round);
-  const V r = (clamped - n * C::kLn2High) - n * C::kLn2Low;
+  const V r = (x - n * C::kLn2High) - n * C::kLn2Low;
   V poly = V{} + inverse_factorial<acc>(C::kDegree);
 #pragma GCC unroll 16
   for (int k = C::kDegree - 1; k >= 0; --k) poly = poly * r + inverse_factorial<acc>(k);
-  const I exponent = (n_bits + C::kExponentBias) << C::kMantissaBits;
+  // 2^n from n's bits (unsigned lanes: out of range they wrap, and are replaced below).
+  const U exponent = (std::bit_cast<U>(shifted) - std::bit_cast<U>(round) +
+                      typename LanesOf<acc>::lane{C::kExponentBias}) << C::kMantissaBits;
   V result = poly * std::bit_cast<V>(exponent);
-  result = x < lowest ? V{} : result;
-  result = x > highest ? V{} + std::numeric_limits<acc>::infinity() : result;
-  return x != x ? x : result;
+  result = x < C::kLowest ? V{} : result;
+  return x > C::kHighest ? V{} + std::numeric_limits<acc>::infinity() : result;
 }
 
 // float16 / bfloat16 <-> float, one vector of float lanes at a time. float16 converts through

@@ -167,22 +167,45 @@ inline Tensor checked_lse(const Tensor& lse, const Tensor& q) {
   return as_contiguous(lse);
 }
 
+// Allocation through the C shim directly (aoti_torch_empty_strided, aoti_torch_zero_): one call
+// each, where torch::stable::empty/transpose/zero_ are dispatcher calls that look the operator up by
+// name every time (a few microseconds per op call on small inputs).
+inline Tensor empty_strided_on(const Tensor& like, Sizes sizes, Sizes strides, ScalarType dtype) {
+  namespace detail = torch::stable::detail;
+  AtenTensorHandle handle = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(
+      static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), detail::to<int32_t>(detail::from(dtype)),
+      detail::to<int32_t>(detail::from(like.device().type())), like.get_device_index(), &handle));
+  return Tensor(handle);
+}
+
+// The strides of a contiguous tensor of `sizes`, as torch computes them (a 0-size dimension counts as 1).
+inline std::vector<int64_t> contiguous_strides(Sizes sizes) {
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= std::max<int64_t>(sizes[i], 1);
+  }
+  return strides;
+}
+
+// An uninitialised contiguous tensor of `sizes` with `dtype` on the device of `like`.
+inline Tensor empty_on(const Tensor& like, Sizes sizes, ScalarType dtype) {
+  return empty_strided_on(like, sizes, contiguous_strides(sizes), dtype);
+}
+
 // An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D].
 inline Tensor empty_heads(const Tensor& like) {
-  Tensor t = torch::stable::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.scalar_type(),
-                                  std::nullopt, like.device());
-  return torch::stable::transpose(t, 1, 2);
+  const int64_t B = like.size(0), H = like.size(1), N = like.size(2), D = like.size(3);
+  const std::vector<int64_t> bnhd = contiguous_strides({B, N, H, D});
+  return empty_strided_on(like, {B, H, N, D}, {bnhd[0], bnhd[2], bnhd[1], bnhd[3]}, like.scalar_type());
 }
 
 inline Tensor zeros_heads(const Tensor& like) {
   Tensor t = empty_heads(like);
-  torch::stable::zero_(t);
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_zero_(t.get()));
   return t;
-}
-
-// An uninitialised tensor of `sizes` with `dtype` on the device of `like`.
-inline Tensor empty_on(const Tensor& like, Sizes sizes, ScalarType dtype) {
-  return torch::stable::empty(sizes, dtype, std::nullopt, like.device());
 }
 
 // A [B, H, N] log-sum-exp in the accumulation dtype, -inf everywhere (rows without keys keep it).

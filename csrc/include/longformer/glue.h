@@ -42,7 +42,7 @@ struct AttentionCall {
   bool accumulate_global = false;   // backward: the global rows' dK, dV add to the local rows' (no projections)
   ScalarType dtype = ScalarType::Float;
   bool allow_tf32 = false;   // float32 products may run as TF32 (the caller's torch setting)
-  void* workspace = nullptr; // the bytes *_workspace_bytes asked for, uninitialised
+  void* workspace = nullptr; // the bytes *_workspace_bytes asked for, uninitialised (null for none)
 };
 
 enum class BandedMatmulOp { kQK, kPV, kPVTransposed };
@@ -104,8 +104,12 @@ struct Glue {
     }
   }
 
-  static Tensor workspace(const Tensor& like, int64_t bytes) {
-    return empty_on(like, {std::max<int64_t>(bytes, 1)}, ScalarType::Byte);
+  // The backend's scratch, alive for the call; none when it asks for no bytes.
+  static std::optional<Tensor> workspace(AttentionCall& c, const Tensor& like, int64_t bytes) {
+    if (bytes <= 0) return std::nullopt;
+    Tensor t = empty_on(like, {bytes}, ScalarType::Byte);
+    c.workspace = t.data_ptr();
+    return t;
   }
 
   static Tensor output_heads(const Tensor& like) {
@@ -130,8 +134,7 @@ struct Glue {
     c.local.out = heads_view(out);
     c.local.lse = lse.data_ptr();
     set_global_rows(c, global_q, global_k, global_v);
-    Tensor scratch = workspace(q, Backend::forward_workspace_bytes(c));
-    c.workspace = scratch.data_ptr();
+    const std::optional<Tensor> scratch = workspace(c, q, Backend::forward_workspace_bytes(c));
     Backend::forward(c, *prep.tokens);
     return {out, lse};
   }
@@ -167,8 +170,7 @@ struct Glue {
       c.global.grad_v = heads_view(dgv);
     }
     c.accumulate_global = !projections;  // same tensors: the global rows' dK, dV add to the local rows'
-    Tensor scratch = workspace(q, Backend::backward_workspace_bytes(c));
-    c.workspace = scratch.data_ptr();
+    const std::optional<Tensor> scratch = workspace(c, q, Backend::backward_workspace_bytes(c));
     Backend::backward(c, *prep.tokens);
     return {dq, dk, dv, dgq, dgk, dgv};
   }
