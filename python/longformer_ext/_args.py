@@ -16,9 +16,16 @@ Dilation = Union[int, Sequence[int], Tensor]
 class AttentionArgs:
     window_left: int
     window_right: int
-    dilation: list[int]  # one entry per head
+    dilation: list[int]  # one entry per query head
     scale: float
     has_global_projections: bool
+    # The general op's extensions (docs/design.md §2.2); the defaults are §2 unchanged.
+    heads_kv: int = 0               # KV heads (H for plain attention)
+    q_offset: int = 0               # key position of query 0 (Nk - Nq unless given)
+    cu_seqlens: Optional[list[int]] = None  # packed sequences' boundaries, [S + 1]
+    softcap: Optional[float] = None
+    alibi_slopes: Optional[Tensor] = None   # [H]
+    sinks: Optional[Tensor] = None          # [H]
 
 
 def _is_int(x) -> bool:
@@ -58,14 +65,18 @@ def per_head_dilation(dilation: Dilation, heads: int) -> list[int]:
     return values
 
 
-def _check_heads(name: str, t, like: Optional[Tensor]) -> None:
+def _check_heads(name: str, t, like: Optional[Tensor], shape: Optional[tuple] = None) -> None:
+    """A [B, H, N, D] floating tensor with a contiguous last dimension, with the dtype and device of
+    `like` and its shape (or `shape`, when given)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be [B, H, N, D], got shape {tuple(t.shape)}")
     if like is not None:
-        if t.shape != like.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(like.shape)}")
+        want = tuple(like.shape) if shape is None else shape
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but expected {want}" if shape is not None else
+                             f"{name} has shape {tuple(t.shape)} but q has {tuple(like.shape)}")
         if t.dtype != like.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {like.dtype}")
         if t.device != like.device:
@@ -77,25 +88,70 @@ def _check_heads(name: str, t, like: Optional[Tensor]) -> None:
                          "call .contiguous() or project into a [B, N, H*D] tensor and view it")
 
 
-def _check_mask(name: str, mask: Optional[Tensor], q: Tensor) -> None:
+def _check_mask(name: str, mask: Optional[Tensor], q: Tensor, n: Optional[int] = None) -> None:
+    """A [B, N] bool/integer mask (N = the key count `n`, default q's N) on q's device."""
     if mask is None:
         return
+    n = q.shape[2] if n is None else n
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name} must be bool or integer (nonzero = set), got {mask.dtype}; additive float masks "
                         "(e.g. Hugging Face's -10000/+10000) are rejected so they cannot be misread")
-    if tuple(mask.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(f"{name} must be [B, N] = [{q.shape[0]}, {q.shape[2]}], got {tuple(mask.shape)}")
+    if tuple(mask.shape) != (q.shape[0], n):
+        raise ValueError(f"{name} must be [B, N] = [{q.shape[0]}, {n}], got {tuple(mask.shape)}")
     if mask.device != q.device:
         raise ValueError(f"{name} is on {mask.device} but q is on {q.device}")
 
 
-def check_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q, global_k,
-                         global_v, causal, scale) -> AttentionArgs:
+def _check_per_head(name: str, t, q: Tensor) -> Optional[Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != (q.shape[1],):
+        raise ValueError(f"{name} must be a floating-point [H] = [{q.shape[1]}] tensor, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    return t
+
+
+def _check_cu_seqlens(cu_seqlens, q: Tensor, k: Tensor, q_offset) -> Optional[list[int]]:
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or \
+            cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be a 1-d integer tensor [S + 1], got {cu_seqlens!r}")
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs the sequences along N and needs B == 1, got B = {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"cu_seqlens needs as many queries as keys, but q has Nq = {q.shape[2]} and k has "
+                         f"Nk = {k.shape[2]} (queries inside a longer key sequence cannot be packed)")
+    if q_offset not in (None, 0):
+        raise ValueError(f"cu_seqlens and q_offset = {q_offset} cannot be combined: with cu_seqlens the queries "
+                         "are the whole packed sequence")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != k.shape[2] or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to N = {k.shape[2]} (never decreasing), got {bounds}")
+    return bounds
+
+
+def check_general_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q, global_k,
+                                 global_v, causal, scale, *, q_offset=None, cu_seqlens=None, softcap=None,
+                                 alibi_slopes=None, sinks=None) -> AttentionArgs:
+    """The arguments of the general op (docs/design.md §2.2): k, v (and global_k, global_v) may have
+    H_kv heads (H % H_kv == 0) and Nk >= Nq keys; masks are over the keys, [B, Nk]."""
     _check_heads("q", q, None)
-    _check_heads("k", k, q)
-    _check_heads("v", v, q)
+    _check_heads("k", k, None)
+    b, h, nq, d = q.shape
+    _, h_kv, nk, _ = k.shape
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}: B and D must match")
+    if (h_kv == 0 and h != 0) or (h_kv != 0 and h % h_kv != 0):
+        raise ValueError(f"q has H = {h} heads, which must be a multiple of k's H_kv = {h_kv}")
+    if nk < nq:
+        raise ValueError(f"k has Nk = {nk} keys, fewer than q's Nq = {nq} queries")
+    _check_heads("k", k, q, tuple(k.shape))
+    _check_heads("v", v, q, tuple(k.shape))
     given = [x is not None for x in (global_q, global_k, global_v)]
     if any(given) and not all(given):
         raise ValueError("global_q, global_k and global_v must be given together (or none of them)")
@@ -103,19 +159,40 @@ def check_attention_args(q, k, v, window, dilation, attention_mask, global_atten
         if global_attention_mask is None:
             raise ValueError("global_q/global_k/global_v were given without a global_attention_mask: "
                              "there would be no global token to use them")
-        for name, t in (("global_q", global_q), ("global_k", global_k), ("global_v", global_v)):
-            _check_heads(name, t, q)
-    _check_mask("attention_mask", attention_mask, q)
-    _check_mask("global_attention_mask", global_attention_mask, q)
+        _check_heads("global_q", global_q, q)
+        _check_heads("global_k", global_k, q, tuple(k.shape))
+        _check_heads("global_v", global_v, q, tuple(k.shape))
+    _check_mask("attention_mask", attention_mask, q, nk)
+    _check_mask("global_attention_mask", global_attention_mask, q, nk)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     left, right = window_pair(window)
-    dilations = per_head_dilation(dilation, q.shape[1])
+    dilations = per_head_dilation(dilation, h)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return AttentionArgs(left, right, dilations, float(scale), all(given))
+    bounds = _check_cu_seqlens(cu_seqlens, q, k, q_offset)
+    if q_offset is None:
+        q_offset = nk - nq
+    elif not _is_int(q_offset) or not 0 <= q_offset <= nk - nq:
+        raise ValueError(f"q_offset must be an int in [0, Nk - Nq] = [0, {nk - nq}], got {q_offset!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or
+                                not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+    return AttentionArgs(left, right, dilations, float(scale), all(given), h_kv, q_offset, bounds,
+                         None if softcap is None else float(softcap), _check_per_head("alibi_slopes", alibi_slopes, q),
+                         _check_per_head("sinks", sinks, q))
+
+
+def check_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q, global_k,
+                         global_v, causal, scale) -> AttentionArgs:
+    """The arguments of Longformer attention (docs/design.md §2): k, v like q."""
+    _check_heads("q", q, None)
+    _check_heads("k", k, q)
+    _check_heads("v", v, q)
+    return check_general_attention_args(q, k, v, window, dilation, attention_mask, global_attention_mask, global_q,
+                                        global_k, global_v, causal, scale)
 
 
 def token_roles(q: Tensor, attention_mask: Optional[Tensor], global_attention_mask: Optional[Tensor]):
