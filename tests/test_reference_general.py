@@ -207,3 +207,28 @@ def test_general_arguments_that_cannot_work_raise(case):
         changes["cu_seqlens"] = torch.tensor(changes["cu_seqlens"])
     with pytest.raises(error, match=match):
         dense_attention(q, k, k, 2, **changes)
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+@pytest.mark.parametrize("layout", ["gqa", "longer keys", "packed"])
+def test_loop_reference_agrees_with_the_oracle(mode, layout):
+    """The loop reference, written apart from the oracle, on every extension at once."""
+    from longformer_ext.reference import loop_attention
+
+    gen = torch.Generator().manual_seed(10)
+    n, h_kv = 13, (2 if layout == "gqa" else 4)
+    q = _heads(1, 4, n, 4, gen)
+    k, v = (_heads(1, h_kv, n, 4, gen) for _ in range(2))
+    kw = _kwargs(mode, gen, 1, n, h_kv=h_kv)
+    kw["global_q"] = kw["global_q"][..., :4] if "global_q" in kw else None
+    kw["global_k"] = kw["global_k"][..., :4] if "global_k" in kw else None
+    kw["global_v"] = kw["global_v"][..., :4] if "global_v" in kw else None
+    if layout == "longer keys":
+        q = q[:, :, 8:]
+        kw["global_q"] = kw["global_q"][:, :, 8:] if kw["global_q"] is not None else None
+    if layout == "packed":
+        kw["cu_seqlens"] = torch.tensor([0, 5, 13])
+    expected, expected_lse = dense_attention(q, k, v, mode["window"], return_lse=True, **kw)
+    out, lse = loop_attention(q, k, v, mode["window"], return_lse=True, **kw)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=1e-12)

@@ -2,7 +2,8 @@
 
 * ``dense_attention``: the float64 oracle every kernel is tested against ([N, N] masks); it also
   takes the general op's arguments (docs/design.md §2.2) ahead of the kernels.
-* ``loop_attention``: one query at a time, keys listed explicitly (the paper's "loop").
+* ``loop_attention``: one query at a time, keys listed explicitly (the paper's "loop"); the general
+  op's arguments too, written apart from the oracle.
 * ``chunked_attention``: the overlapping-chunks algorithm of the paper and Hugging Face.
 """
 
