@@ -16,35 +16,92 @@
 namespace longformer::cpu {
 inline namespace CPU_CAPABILITY {  // compiled once per instruction set (see CMakeLists.txt)
 
-struct BandTile {
-  int64_t b, h, residue, dilation, begin, end, length;  // length: size of the residue's subsequence
-
-  Positions rows(int64_t from) const { return Positions{residue + from * dilation, dilation}; }
+// One key sequence: positions [start, end) of batch row b. Each batch row is one, or with packed
+// sequences (cu_seqlens, B == 1) each sequence is one; no query sees a key of another segment.
+struct Segment {
+  int64_t b, start, end;
 };
 
-inline std::vector<BandTile> band_tiles(const AttentionParams& p, int64_t tile) {
-  std::vector<BandTile> tiles;
-  for (int64_t b = 0; b < p.batch; ++b) {
+inline std::vector<Segment> segments(const AttentionParams& p) {
+  std::vector<Segment> out;
+  if (p.cu_seqlens != nullptr) {
+    for (int64_t s = 0; s < p.segments; ++s) out.push_back({0, p.cu_seqlens[s], p.cu_seqlens[s + 1]});
+  } else {
+    for (int64_t b = 0; b < p.batch; ++b) out.push_back({b, 0, p.seqlen});
+  }
+  return out;
+}
+
+// First index a >= 0 of the subsequence start + a * step that is at or after `position`.
+inline int64_t first_index_at(int64_t start, int64_t step, int64_t position) {
+  return position <= start ? 0 : (position - start + step - 1) / step;
+}
+
+// One (segment, head, residue) subsequence: positions start + residue + a * dilation for a in
+// [0, length); its queries (positions q_offset to q_offset + queries) are a in [first_query, query_end).
+struct Residue {
+  int64_t segment, b, h, start, residue, dilation, length, first_query, query_end;
+
+  Positions at(int64_t index) const { return Positions{start + residue + index * dilation, dilation}; }
+};
+
+inline std::vector<Residue> residues(const AttentionParams& p, const std::vector<Segment>& segs) {
+  std::vector<Residue> out;
+  for (int64_t s = 0; s < static_cast<int64_t>(segs.size()); ++s) {
+    const Segment& seg = segs[s];
     for (int64_t h = 0; h < p.heads; ++h) {
       const int64_t d = p.dilation[h];
-      for (int64_t r = 0; r < std::min(d, p.seqlen); ++r) {
-        const int64_t length = (p.seqlen - r + d - 1) / d;
-        for (int64_t a = 0; a < length; a += tile) tiles.push_back({b, h, r, d, a, std::min(a + tile, length), length});
+      for (int64_t r = 0; r < std::min(d, seg.end - seg.start); ++r) {
+        const int64_t length = (seg.end - seg.start - r + d - 1) / d;
+        const int64_t first = std::min(length, first_index_at(seg.start + r, d, p.q_offset));
+        const int64_t end = std::min(length, first_index_at(seg.start + r, d, p.q_offset + p.queries));
+        out.push_back({s, seg.b, h, seg.start, r, d, length, first, end});
       }
+    }
+  }
+  return out;
+}
+
+// A run of consecutive query indices [begin, end) of one residue.
+struct BandTile : Residue {
+  int64_t begin, end;
+
+  Positions rows(int64_t from) const { return at(from); }
+};
+
+// The tiles of query rows: each residue's queries in runs of `tile`.
+inline std::vector<BandTile> band_tiles(const AttentionParams& p, const std::vector<Segment>& segs, int64_t tile) {
+  std::vector<BandTile> tiles;
+  for (const Residue& res : residues(p, segs)) {
+    for (int64_t a = res.first_query; a < res.query_end; a += tile) {
+      tiles.push_back({res, a, std::min(a + tile, res.query_end)});
     }
   }
   return tiles;
 }
 
-// Positions holding `role` in each batch row, in increasing order.
-inline std::vector<std::vector<int64_t>> positions_with_role(const AttentionParams& p, Role role) {
-  std::vector<std::vector<int64_t>> out(p.batch);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t n = 0; n < p.seqlen; ++n) {
-      if (p.roles[b * p.seqlen + n] == role) out[b].push_back(n);
+// The query positions of a segment: [max(start, q_offset), min(end, q_offset + queries)).
+inline int64_t first_query(const AttentionParams& p, const Segment& seg) { return std::max(seg.start, p.q_offset); }
+inline int64_t query_end(const AttentionParams& p, const Segment& seg) {
+  return std::min(seg.end, p.q_offset + p.queries);
+}
+
+// Positions holding `role` in each segment, in increasing order.
+inline std::vector<std::vector<int64_t>> positions_with_role(const AttentionParams& p, const std::vector<Segment>& segs,
+                                                             Role role) {
+  std::vector<std::vector<int64_t>> out(segs.size());
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const uint8_t* roles = p.roles + segs[s].b * p.seqlen;
+    for (int64_t n = segs[s].start; n < segs[s].end; ++n) {
+      if (roles[n] == role) out[s].push_back(n);
     }
   }
   return out;
+}
+
+// The index of the first entry of sorted `pos` at or after `position`.
+inline int64_t index_at(const std::vector<int64_t>& pos, int64_t position) {
+  return std::lower_bound(pos.begin(), pos.end(), position) - pos.begin();
 }
 
 // Splits [begin, end) into `ceil(len / limit)` nearly equal blocks; calls f(block_begin, block_end).

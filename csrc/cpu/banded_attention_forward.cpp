@@ -27,8 +27,9 @@ void banded_attention_forward(const AttentionParams& p) {
   using acc = acc_type<scalar_t>;
   const int64_t D = p.head_dim;
   const int64_t left = p.window_left, right = p.effective_right();
-  const std::vector<BandTile> tiles = band_tiles(p, kRowTile);
-  const auto globals = positions_with_role(p, kGlobal);
+  const std::vector<Segment> segs = segments(p);
+  const std::vector<BandTile> tiles = band_tiles(p, segs, kRowTile);
+  const auto globals = positions_with_role(p, segs, kGlobal);
 
   parallel_tasks(static_cast<int64_t>(tiles.size()), [&](int64_t first, int64_t last) {
     ForwardTile<acc> query(D);
@@ -39,13 +40,15 @@ void banded_attention_forward(const AttentionParams& p) {
       const BandTile& tile = tiles[t];
       const int64_t rows = tile.end - tile.begin;
       const uint8_t* roles = p.roles + tile.b * p.seqlen;
-      const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.q.offset(tile.b, tile.h, 0);
-      const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, tile.h, 0);
-      const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, tile.h, 0);
+      // Query-side pointers are indexed by position (params.h: query_offset), key-side ones by
+      // position in the query head's KV head.
+      const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.query_offset(p.q, tile.b, tile.h, 0);
+      const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, p.kv_head(tile.h), 0);
+      const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, p.kv_head(tile.h), 0);
       const Positions qpos = tile.rows(tile.begin);
-      query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale));
+      query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale), ScoreModifiers<acc>(p, tile.h));
       // What the next tile of this band reads first: its queries and the keys it adds to the band.
-      const int64_t next_rows = std::min(kRowTile, tile.length - tile.end);
+      const int64_t next_rows = std::min(kRowTile, tile.query_end - tile.end);
       const int64_t next_key = std::min(tile.length, tile.end + right);
       const int64_t next_keys = std::min(kRowTile, tile.length - next_key);
       prefetch_rows(qh, p.q.stride_n, tile.rows(tile.end), next_rows, D);
@@ -72,8 +75,8 @@ void banded_attention_forward(const AttentionParams& p) {
         query.attend(band, c0, keys, all_local ? nullptr : bias.get());
       });
 
-      // Global keys, seen by every local query (only those at or before it when causal).
-      const std::vector<int64_t>& g = globals[tile.b];
+      // Global keys of the segment, seen by every local query (only those at or before it when causal).
+      const std::vector<int64_t>& g = globals[tile.segment];
       global.select(kh, p.k.stride_n, vh, p.v.stride_n, Positions{0, 1, g.data()}, static_cast<int64_t>(g.size()),
                     roles);
       for_each_block(0, static_cast<int64_t>(g.size()), kBlockLimit, [&](int64_t g0, int64_t g1) {
@@ -85,11 +88,12 @@ void banded_attention_forward(const AttentionParams& p) {
         query.attend(global, g0, keys, nullptr);
       });
 
-      auto* out_h = static_cast<scalar_t*>(p.out.data) + p.out.offset(tile.b, tile.h, 0);
-      auto* lse = static_cast<acc*>(p.lse) + p.lse_offset(tile.b, tile.h, 0);
+      auto* out_h = static_cast<scalar_t*>(p.out.data) + p.query_offset(p.out, tile.b, tile.h, 0);
+      auto* lse = static_cast<acc*>(p.lse) + p.lse_position_offset(tile.b, tile.h, 0);
+      const acc sink = sink_logit<acc>(p, tile.h);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = qpos[r];
-        acc row_lse = query.finish_row(r, row_out.get());
+        acc row_lse = query.finish_row(r, row_out.get(), sink);
         if (roles[i] != kLocal) {
           std::fill(row_out.get(), row_out.get() + D, acc(0));
           row_lse = neg_inf<acc>();

@@ -152,7 +152,10 @@ struct KeysAndValues {
               int64_t length, const uint8_t* roles) {
     keys.select(k_head, k_stride, seq, length, roles);
     values.select(v_head, v_stride, seq, roles);
+    positions = seq;
   }
+
+  Positions positions;  // key c of the sequence is at position positions[c]
 };
 
 template <typename acc>
@@ -162,10 +165,14 @@ class ForwardTile {
       : dim_(dim), q_(kRowTile * dim), o_(kRowTile * dim), m_(kRowTile), l_(kRowTile), lo_(kRowTile),
         hi_(kRowTile), s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
 
-  // Begins a tile: queries pos[0, rows) of `head`, times `scale`; empty softmax state.
+  // Begins a tile: queries pos[0, rows) of `head`, times `scale`, their scores modified by `mods`;
+  // empty softmax state.
   template <typename scalar_t>
-  void start(const scalar_t* head, int64_t stride_n, Positions pos, int64_t rows, acc scale) {
+  void start(const scalar_t* head, int64_t stride_n, Positions pos, int64_t rows, acc scale,
+             const ScoreModifiers<acc>& mods = {}) {
     rows_ = rows;
+    positions_ = pos;
+    mods_ = mods;
     load_rows(q_.get(), head, stride_n, pos, rows, dim_);
     for (int64_t i = 0; i < rows * dim_; ++i) q_.get()[i] *= scale;
     std::fill(o_.get(), o_.get() + rows * dim_, acc(0));
@@ -207,6 +214,12 @@ class ForwardTile {
         for (int64_t p0 = first / W * W; p0 < last; p0 += W) {
           score_panel<MR>(q_.get() + r0 * dim_, dim_, kv.keys.panel(panel0 + p0 / W), dim_, s + p0, lds);
         }
+        if (mods_.any()) {  // on the keys each row sees; score index c is key c0 + c - shift
+          for (int64_t r = 0; r < MR; ++r) {
+            mods_.apply(s + r * lds + lo[r], hi[r] - lo[r], positions_[r0 + r], kv.positions.from(c0 + lo[r] - shift),
+                        nullptr);
+          }
+        }
         for (int64_t r = 0; r < MR; ++r) {
           update_row(r0 + r, s + r * lds, lo[r], hi[r], first, last, bias, shift);
         }
@@ -215,17 +228,26 @@ class ForwardTile {
     }
   }
 
-  // Normalised output row r into `dst` (as acc) and its log-sum-exp; rows with no key give 0 / -inf.
-  acc finish_row(int64_t r, acc* dst) const {
+  // Normalised output row r into `dst` (as acc) and its log-sum-exp, with `sink` one more logit
+  // of a zero value in the denominator (-inf: none); rows with no key give 0 and -inf (the sink
+  // without keys).
+  acc finish_row(int64_t r, acc* dst, acc sink = neg_inf<acc>()) const {
     const acc* orow = o_.get() + r * dim_;
-    const acc l = l_.get()[r];
+    acc l = l_.get()[r], m = m_.get()[r];
     if (l == acc(0)) {
       std::fill(dst, dst + dim_, acc(0));
-      return neg_inf<acc>();
+      return sink;
     }
-    const acc inv = acc(1) / l;
+    acc rescale = acc(1);  // the sink enters at the larger of the two maxima, so no exp overflows
+    if (sink != neg_inf<acc>()) {
+      const acc top = std::max(m, sink);
+      rescale = std::exp(m - top);
+      l = l * rescale + std::exp(sink - top);
+      m = top;
+    }
+    const acc inv = rescale / l;
     for (int64_t c = 0; c < dim_; ++c) dst[c] = orow[c] * inv;
-    return m_.get()[r] + std::log(l);
+    return m + std::log(l);
   }
 
  private:
@@ -258,6 +280,8 @@ class ForwardTile {
   }
 
   int64_t dim_, rows_ = 0;
+  Positions positions_;  // of the tile's queries
+  ScoreModifiers<acc> mods_;
   Scratch<acc> q_, o_, m_, l_;
   Scratch<int64_t> lo_, hi_;
   Scratch<acc> s_;

@@ -22,16 +22,22 @@
 #define LONGFORMER_CPU_KERNELS                                                                       \
   /* out, lse of the local rows (global and padding rows: 0 and -inf). */                           \
   template <typename scalar_t> void banded_attention_forward(const AttentionParams& p);              \
-  /* grad_q, grad_k, grad_v (zero-initialised) from grad_out, out and the forward lse; `delta` is */ \
-  /* [B, H, N] scratch in the accumulation dtype. */                                                 \
-  template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, void* delta); \
+  /* The backward's row terms, before the two backward kernels: `delta` ([B, H, Nq] scratch in */   \
+  /* the accumulation dtype) = rowsum(grad_out * out) - grad_lse; and grad_sinks when p has sinks. */ \
+  template <typename scalar_t> void backward_row_terms(const AttentionParams& p, void* delta);        \
+  /* grad_q, grad_k, grad_v (zero-initialised) of the local rows from grad_out, the forward lse */   \
+  /* and delta. */                                                                                   \
+  template <typename scalar_t> void banded_attention_backward(const AttentionParams& p, const void* delta); \
+  /* Grouped KV heads: out [B, H_kv, N, D] = per_query_head [B, H, N, D] summed over each group. */  \
+  template <typename scalar_t>                                                                       \
+  void sum_kv_groups(const AttentionParams& p, RowMajorHeads per_query_head, RowMajorHeads out);     \
   /* Rows of global queries over all real keys (q, k, v of p are the global projections when */   \
   /* the op has them); writes those rows of out and lse only. */                                   \
   template <typename scalar_t> void global_attention_forward(const AttentionParams& p);              \
   /* Their gradients: grad_q at the global rows; grad_k, grad_v written, or with `accumulate` */    \
   /* added to what they hold (the local rows' gradients, when both share q, k, v). */               \
   template <typename scalar_t>                                                                       \
-  void global_attention_backward(const AttentionParams& p, void* delta, bool accumulate);           \
+  void global_attention_backward(const AttentionParams& p, const void* delta, bool accumulate);     \
   /* Unfused banded products (formulas in ops.cpp). */                                               \
   template <typename scalar_t> void banded_matmul_qk(const BandedMatmulParams& p);                   \
   template <typename scalar_t> void banded_matmul_pv(const BandedMatmulParams& p);                   \

@@ -14,9 +14,11 @@ namespace {
 template <typename scalar_t>
 struct KernelTable {
   void (*banded_forward)(const AttentionParams&);
-  void (*banded_backward)(const AttentionParams&, void*);
+  void (*row_terms)(const AttentionParams&, void*);
+  void (*banded_backward)(const AttentionParams&, const void*);
+  void (*sum_kv_groups)(const AttentionParams&, RowMajorHeads, RowMajorHeads);
   void (*global_forward)(const AttentionParams&);
-  void (*global_backward)(const AttentionParams&, void*, bool);
+  void (*global_backward)(const AttentionParams&, const void*, bool);
   void (*qk)(const BandedMatmulParams&);
   void (*pv)(const BandedMatmulParams&);
   void (*pv_transposed)(const BandedMatmulParams&);
@@ -24,7 +26,8 @@ struct KernelTable {
 
 #define LONGFORMER_KERNEL_TABLE(isa)                                                                      \
   KernelTable<scalar_t> {                                                                               \
-    &isa::banded_attention_forward<scalar_t>, &isa::banded_attention_backward<scalar_t>,                \
+    &isa::banded_attention_forward<scalar_t>, &isa::backward_row_terms<scalar_t>,                       \
+        &isa::banded_attention_backward<scalar_t>, &isa::sum_kv_groups<scalar_t>,                       \
         &isa::global_attention_forward<scalar_t>, &isa::global_attention_backward<scalar_t>,            \
         &isa::banded_matmul_qk<scalar_t>, &isa::banded_matmul_pv<scalar_t>,                             \
         &isa::banded_matmul_pv_transposed<scalar_t>                                                     \
@@ -69,8 +72,22 @@ void dispatch_dtype(ScalarType dtype, F&& f) {
   LONGFORMER_CHECK(false, "longformer: CPU kernels support ", cpu_dtype_names(), ", got ", dtype);
 }
 
+// The packed sequences' bounds as int64 on the host, checked: rising from 0 to N, never decreasing.
+std::vector<int64_t> read_cu_seqlens(const Tensor& cu, int64_t n) {
+  std::vector<int64_t> bounds(cu.size(0));
+  for (int64_t s = 0; s < cu.size(0); ++s) {
+    const int64_t at = s * cu.stride(0);
+    bounds[s] = cu.scalar_type() == ScalarType::Int ? cu.const_data_ptr<int32_t>()[at] : cu.const_data_ptr<int64_t>()[at];
+  }
+  bool rising = bounds.front() == 0 && bounds.back() == n;
+  for (size_t s = 1; s < bounds.size(); ++s) rising = rising && bounds[s - 1] <= bounds[s];
+  LONGFORMER_CHECK(rising, "longformer: cu_seqlens must rise from 0 to N = ", n, " (never decreasing)");
+  return bounds;
+}
+
 struct CpuBackend {
   static constexpr bool kZeroFilledOutputs = false;  // every kernel writes every element of its output
+  static constexpr bool kGeneralOp = true;
 
   struct DeviceScope {
     explicit DeviceScope(const Tensor&) {}
@@ -81,17 +98,23 @@ struct CpuBackend {
   }
 
   struct Tokens {
-    Tensor roles;  // [B, N] uint8
+    Tensor roles;                      // [B, N] uint8
+    std::vector<int64_t> cu_seqlens;   // the packed sequences' bounds, read once (empty: none)
   };
 
   static Tokens prepare_tokens(const Tensor& q, const MaskView& attention, const MaskView& global,
-                               AttentionParams& p) {
-    Tokens t{empty_on(q, {p.batch, p.seqlen}, ScalarType::Byte)};
+                               const std::optional<Tensor>& cu_seqlens, AttentionParams& p) {
+    Tokens t{empty_on(q, {p.batch, p.seqlen}, ScalarType::Byte), {}};
     uint8_t* roles = t.roles.mutable_data_ptr<uint8_t>();
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t n = 0; n < p.seqlen; ++n) roles[b * p.seqlen + n] = token_role(attention, global, b, n);
     }
     p.roles = roles;
+    if (cu_seqlens) {
+      t.cu_seqlens = read_cu_seqlens(*cu_seqlens, p.seqlen);
+      p.cu_seqlens = t.cu_seqlens.data();
+      p.segments = static_cast<int64_t>(t.cu_seqlens.size()) - 1;
+    }
     return t;
   }
 
@@ -105,18 +128,25 @@ struct CpuBackend {
     });
   }
 
-  // delta = rowsum(dO * O) in the accumulation dtype, [B, H, N]: written by the local rows'
-  // backward, read by the global rows'.
+  // delta = rowsum(dO * O) - dlse in the accumulation dtype, [B, H, Nq]: written by the row terms,
+  // read by both backward kernels.
   static int64_t backward_workspace_bytes(const AttentionCall& c) {
-    const int64_t rows = c.local.batch * c.local.heads * c.local.seqlen;
+    const int64_t rows = c.local.batch * c.local.heads * c.local.queries;
     return rows * (c.dtype == ScalarType::Double ? sizeof(double) : sizeof(float));
   }
 
   static void backward(const AttentionCall& c, const Tokens&) {
     dispatch_dtype(c.dtype, [&](auto t) {
-      kernels<decltype(t)>().banded_backward(c.local, c.workspace);
-      if (c.has_global_rows) kernels<decltype(t)>().global_backward(c.global, c.workspace, c.accumulate_global);
+      const auto table = kernels<decltype(t)>();
+      table.row_terms(c.local, c.workspace);
+      table.banded_backward(c.local, c.workspace);
+      if (c.has_global_rows) table.global_backward(c.global, c.workspace, c.accumulate_global);
     });
+  }
+
+  static void sum_kv_groups(const AttentionParams& p, const Tensor& per_query_head, const Tensor& out) {
+    dispatch_dtype(out.scalar_type(),
+                   [&](auto t) { kernels<decltype(t)>().sum_kv_groups(p, heads_view(per_query_head), heads_view(out)); });
   }
 
   static void banded_matmul(BandedMatmulOp op, const BandedMatmulParams& p, const Tensor& heads) {

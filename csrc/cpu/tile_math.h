@@ -187,6 +187,44 @@ acc dot(const acc* a, const acc* b, int64_t n) {
   return total;
 }
 
+// The score modifiers of one head (docs/design.md §2.2), applied to a scaled score in this order:
+// softcap > 0 makes it softcap * tanh(s / softcap); ALiBi subtracts slope * |query - key position|.
+template <typename acc>
+struct ScoreModifiers {
+  acc softcap = 0;
+  acc slope = 0;
+  bool alibi = false;
+
+  ScoreModifiers() = default;
+  ScoreModifiers(const AttentionParams& p, int64_t h)
+      : softcap(static_cast<acc>(p.softcap)),
+        slope(p.alibi_slopes ? static_cast<const acc*>(p.alibi_slopes)[h] : acc(0)),
+        alibi(p.alibi_slopes != nullptr) {}
+
+  bool any() const { return softcap > acc(0) || alibi; }
+
+  // s[0, n) of the query at `query`, against keys at positions keys[0, n); where `dcap` is given it
+  // receives the softcap's derivative d(capped)/d(s) = 1 - tanh^2 (the backward's chain rule).
+  void apply(acc* s, int64_t n, int64_t query, Positions keys, acc* dcap) const {
+    for (int64_t c = 0; c < n; ++c) {
+      acc x = s[c];
+      if (softcap > acc(0)) {
+        const acc t = std::tanh(x / softcap);
+        x = softcap * t;
+        if (dcap) dcap[c] = acc(1) - t * t;
+      }
+      if (alibi) x -= slope * static_cast<acc>(std::abs(query - keys[c]));
+      s[c] = x;
+    }
+  }
+};
+
+// The sink logit of head h (docs/design.md §2.2), -inf without sinks.
+template <typename acc>
+acc sink_logit(const AttentionParams& p, int64_t h) {
+  return p.sinks ? static_cast<const acc*>(p.sinks)[h] : neg_inf<acc>();
+}
+
 // s[rows][keys] = scale * q[rows][dim] . k[keys][dim]^T
 template <typename acc>
 void score_tile(acc* s, Rows<acc> q, Rows<acc> k, int64_t rows, int64_t keys, int64_t dim, acc scale) {
@@ -243,12 +281,29 @@ acc exp_shifted(acc* row, int64_t n, acc shift) {
   return total;
 }
 
-// One backward tile. In: masked scores s[rows][keys] (overwritten with P), the tile's q, dout,
-// lse, delta = rowsum(dout * out), and the key block k, v. Out: whichever of dq[rows][dim],
+// The scores of a backward tile: s[rows][keys] = scale * q k^T, modified (mods, for queries at
+// qpos and keys at kpos; the softcap's derivative into dcap[rows][keys]), then masked (mask_tile).
+template <typename acc>
+void backward_scores(acc* s, acc* dcap, Rows<acc> q, Rows<acc> k, int64_t rows, int64_t keys, int64_t dim, acc scale,
+                     const ScoreModifiers<acc>& mods, Positions qpos, Positions kpos, const int64_t* lo,
+                     const int64_t* hi, const acc* key_bias) {
+  score_tile(s, q, k, rows, keys, dim, scale);
+  if (mods.any()) {
+    for (int64_t r = 0; r < rows; ++r) {
+      mods.apply(s + r * keys, keys, qpos[r], kpos, mods.softcap > acc(0) ? dcap + r * keys : nullptr);
+    }
+  }
+  mask_tile(s, rows, keys, lo, hi, key_bias);
+}
+
+// One backward tile. In: masked scores s[rows][keys] (overwritten with P), the softcap's
+// derivative dcap[rows][keys] (null without a softcap), the tile's q, dout, lse, delta =
+// rowsum(dout * out) - dlse, and the key block k, v. Out: whichever of dq[rows][dim],
 // dk[keys][dim], dv[keys][dim] is non-null is accumulated into. `ds` is scratch of s's size.
 template <typename acc>
-void backward_tile(acc* s, acc* ds, Rows<acc> q, Rows<acc> dout, const acc* lse, const acc* delta, Rows<acc> k,
-                   Rows<acc> v, int64_t rows, int64_t keys, int64_t dim, acc scale, acc* dq, acc* dk, acc* dv) {
+void backward_tile(acc* s, acc* ds, const acc* dcap, Rows<acc> q, Rows<acc> dout, const acc* lse, const acc* delta,
+                   Rows<acc> k, Rows<acc> v, int64_t rows, int64_t keys, int64_t dim, acc scale, acc* dq, acc* dk,
+                   acc* dv) {
   for (int64_t r = 0; r < rows; ++r) {
     acc* row = s + r * keys;
     if (lse[r] == neg_inf<acc>()) {  // padding, global or keyless row: no gradient flows
@@ -262,6 +317,10 @@ void backward_tile(acc* s, acc* ds, Rows<acc> q, Rows<acc> dout, const acc* lse,
     const acc* p = s + r * keys;
     acc* d = ds + r * keys;
     for (int64_t c = 0; c < keys; ++c) d[c] = p[c] * (d[c] - delta[r]);
+    if (dcap) {
+      const acc* f = dcap + r * keys;
+      for (int64_t c = 0; c < keys; ++c) d[c] *= f[c];
+    }
   }
   if (dv) accumulate_atb(dv, s, dout, rows, keys, dim, acc(1));
   if (dq) accumulate_ab(dq, ds, k, rows, keys, dim, scale);

@@ -53,6 +53,7 @@ inline DType attention_dtype(const AttentionCall& c) {
 template <typename Device>
 struct CudaBackend {
   static constexpr bool kZeroFilledOutputs = true;  // launchers.h: kernels write only the rows they compute
+  static constexpr bool kGeneralOp = false;         // §2 only so far: the glue rejects the §2.2 arguments
   using DeviceScope = typename Device::Scope;
 
   static void check_supported(const Tensor& q, bool attention) {
@@ -70,6 +71,7 @@ struct CudaBackend {
   };
 
   static Tokens prepare_tokens(const Tensor& q, const MaskView& attention, const MaskView& global,
+                               const std::optional<Tensor>& /*cu_seqlens: rejected by the glue*/,
                                AttentionParams& p) {
     const int64_t B = p.batch, N = p.seqlen;
     Tensor roles = empty_on(q, {B, N}, ScalarType::Byte), global_tokens = empty_on(q, {B * N + B}, ScalarType::Long);

@@ -22,7 +22,7 @@ class AttentionArgs:
     # The general op's extensions (docs/design.md §2.2); the defaults are §2 unchanged.
     heads_kv: int = 0               # KV heads (H for plain attention)
     q_offset: int = 0               # key position of query 0 (Nk - Nq unless given)
-    cu_seqlens: Optional[list[int]] = None  # packed sequences' boundaries, [S + 1]
+    cu_seqlens: Optional[Tensor] = None     # packed sequences' boundaries, [S + 1] (cu_seqlens_bounds reads them)
     softcap: Optional[float] = None
     alibi_slopes: Optional[Tensor] = None   # [H]
     sinks: Optional[Tensor] = None          # [H]
@@ -115,12 +115,17 @@ def _check_per_head(name: str, t, q: Tensor) -> Optional[Tensor]:
     return t
 
 
-def _check_cu_seqlens(cu_seqlens, q: Tensor, k: Tensor, q_offset) -> Optional[list[int]]:
+def _check_cu_seqlens(cu_seqlens, q: Tensor, k: Tensor, q_offset) -> Optional[Tensor]:
+    """A 1-d int32/int64 [S + 1] tensor rising from 0 to N, for B == 1 and Nq == Nk, without q_offset. Its
+    values are checked here in eager mode only (reading them is a graph break under torch.compile, where the
+    op checks them itself)."""
     if cu_seqlens is None:
         return None
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point() or \
-            cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
-        raise TypeError(f"cu_seqlens must be a 1-d integer tensor [S + 1], got {cu_seqlens!r}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) \
+            or cu_seqlens.numel() < 2:
+        raise TypeError(f"cu_seqlens must be a 1-d int32 or int64 tensor [S + 1] with S >= 1, got {cu_seqlens!r}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens packs the sequences along N and needs B == 1, got B = {q.shape[0]}")
     if q.shape[2] != k.shape[2]:
@@ -129,9 +134,16 @@ def _check_cu_seqlens(cu_seqlens, q: Tensor, k: Tensor, q_offset) -> Optional[li
     if q_offset not in (None, 0):
         raise ValueError(f"cu_seqlens and q_offset = {q_offset} cannot be combined: with cu_seqlens the queries "
                          "are the whole packed sequence")
+    if not torch.compiler.is_compiling():
+        cu_seqlens_bounds(cu_seqlens, k.shape[2])
+    return cu_seqlens
+
+
+def cu_seqlens_bounds(cu_seqlens: Tensor, n: int) -> list[int]:
+    """The packed sequences' bounds as ints, checked: rising from 0 to ``n``, never decreasing."""
     bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != k.shape[2] or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to N = {k.shape[2]} (never decreasing), got {bounds}")
+    if bounds[0] != 0 or bounds[-1] != n or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to N = {n} (never decreasing), got {bounds}")
     return bounds
 
 
@@ -147,9 +159,10 @@ def check_general_attention_args(q, k, v, window, dilation, attention_mask, glob
     if k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"k has shape {tuple(k.shape)} but q has {tuple(q.shape)}: B and D must match")
     if (h_kv == 0 and h != 0) or (h_kv != 0 and h % h_kv != 0):
-        raise ValueError(f"q has H = {h} heads, which must be a multiple of k's H_kv = {h_kv}")
+        raise ValueError(f"k has shape {tuple(k.shape)}: q has H = {h} heads, which must be a multiple of k's "
+                         f"H_kv = {h_kv}")
     if nk < nq:
-        raise ValueError(f"k has Nk = {nk} keys, fewer than q's Nq = {nq} queries")
+        raise ValueError(f"k has shape {tuple(k.shape)}: Nk = {nk} keys, fewer than q's Nq = {nq} queries")
     _check_heads("k", k, q, tuple(k.shape))
     _check_heads("v", v, q, tuple(k.shape))
     given = [x is not None for x in (global_q, global_k, global_v)]

@@ -354,13 +354,22 @@ def _all_true(like):
 
 def banded_attn(q, k, v, window_left: int, window_right: int, dilation: Sequence[int], attention_mask,
                 global_attention_mask, causal: bool, scale: float, global_q=None, global_k=None, global_v=None,
-                allow_tf32: bool = False):
+                allow_tf32: bool = False, q_offset: int = -1, cu_seqlens=None, softcap: float = 0.0,
+                alibi_slopes=None, sinks=None):
     """``longformer::banded_attn``: local rows over their band keys plus every global key, then the
     global rows over every real key (with the global projections when given), padding rows 0.
 
     Returns (out [B, H, N, D] in q's dtype, lse [B, H, N] float32/float64, -inf for padding rows).
-    The graph computes exact float32 whatever ``allow_tf32`` (a CUDA kernel choice) says.
+    The graph computes exact float32 whatever ``allow_tf32`` (a CUDA kernel choice) says. It covers
+    Longformer attention (docs/design.md §2: ``k, v`` shaped like ``q``); the general op's
+    arguments are refused.
     """
+    general = [name for name, used in (("q_offset", q_offset != -1), ("cu_seqlens", cu_seqlens is not None),
+                                       ("softcap", softcap != 0.0), ("alibi_slopes", alibi_slopes is not None),
+                                       ("sinks", sinks is not None)) if used]
+    if general:
+        raise NotImplementedError(f"longformer_ext.onnx exports Longformer attention (docs/design.md §2); "
+                                  f"{', '.join(general)} of the general op have no ONNX translation")
     out, lse = _local_rows(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
                            causal, scale)
     if global_attention_mask is None:

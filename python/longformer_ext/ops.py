@@ -36,17 +36,22 @@ def _lse_like(q: Tensor) -> Tensor:
 def banded_attn(
     q: Tensor, k: Tensor, v: Tensor, window_left: int, window_right: int, dilation: Sequence[int],
     attention_mask: Optional[Tensor], global_attention_mask: Optional[Tensor], causal: bool, scale: float,
-    global_q: Optional[Tensor] = None, global_k: Optional[Tensor] = None, global_v: Optional[Tensor] = None,
+    global_q: Optional[Tensor] = None, global_k: Optional[Tensor] = None, global_v: Optional[Tensor] = None, *,
+    q_offset: int = -1, cu_seqlens: Optional[Tensor] = None, softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Every row: local rows over their band plus the global keys, global rows over every real key
-    (with ``global_q/k/v`` when given, all three or none), padding rows 0; and every row's lse.
+    (with ``global_q/k/v`` when given, all three or none), padding rows 0; and every row's lse
+    (differentiable). The general op's arguments (docs/design.md §2.2): ``k, v`` may have fewer heads
+    and more positions than ``q``; ``q_offset`` -1 means ``Nk - Nq``; ``softcap`` 0 means none;
+    ``alibi_slopes`` and ``sinks`` are ``[H]`` in the accumulation dtype.
 
     float32 products may run as TF32 on CUDA tensor cores when PyTorch allows TF32 matmuls
     (``torch.backends.cuda.matmul.allow_tf32``, also set by ``torch.set_float32_matmul_precision``),
     read here at each call (``torch.compile`` guards on it); exact float32 otherwise."""
     return _ops.banded_attn(q, k, v, window_left, window_right, list(dilation), attention_mask,
                             global_attention_mask, causal, scale, global_q, global_k, global_v,
-                            torch.backends.cuda.matmul.allow_tf32)
+                            torch.backends.cuda.matmul.allow_tf32, q_offset, cu_seqlens, softcap, alibi_slopes, sinks)
 
 
 def banded_matmul_qk(q: Tensor, k: Tensor, window_left: int, window_right: int, dilation: Sequence[int],
@@ -72,16 +77,19 @@ def banded_matmul_pv_transposed(p: Tensor, x: Tensor, window_left: int, window_r
 
 @torch.library.register_fake("longformer::banded_attn")
 def _(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
-      global_q=None, global_k=None, global_v=None, allow_tf32=False):
+      global_q=None, global_k=None, global_v=None, allow_tf32=False, q_offset=-1, cu_seqlens=None, softcap=0.0,
+      alibi_slopes=None, sinks=None):
     return _empty_heads(q), _lse_like(q)
 
 
 @torch.library.register_fake("longformer::banded_attn_backward")
 def _(grad_out, q, k, v, out, lse, window_left, window_right, dilation, attention_mask, global_attention_mask,
-      causal, scale, global_q=None, global_k=None, global_v=None, allow_tf32=False):
+      causal, scale, global_q=None, global_k=None, global_v=None, allow_tf32=False, q_offset=-1, cu_seqlens=None,
+      softcap=0.0, alibi_slopes=None, sinks=None, grad_lse=None):
     # Without global projections their gradients are in grad_q/k/v and these are empty.
-    projection_grads = [_empty_heads(q) if global_q is not None else q.new_empty((0,)) for _ in range(3)]
-    return (_empty_heads(q), _empty_heads(q), _empty_heads(q), *projection_grads)
+    projection_grads = [_empty_heads(t) if global_q is not None else q.new_empty((0,)) for t in (q, k, k)]
+    grad_sinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=_accumulation_dtype(q.dtype))
+    return (_empty_heads(q), _empty_heads(k), _empty_heads(k), *projection_grads, grad_sinks)
 
 
 @torch.library.register_fake("longformer::banded_matmul_qk")
@@ -110,22 +118,32 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _banded_attn_setup(ctx, inputs, output):
     (q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask, causal, scale,
      *optional) = inputs
-    global_q, global_k, global_v, allow_tf32 = list(optional) + [None, None, None, False][len(optional):]
+    defaults = [None, None, None, False, -1, None, 0.0, None, None]
+    global_q, global_k, global_v, allow_tf32, q_offset, cu_seqlens, softcap, alibi_slopes, sinks = \
+        list(optional) + defaults[len(optional):]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v)
-    ctx.args = (window_left, window_right, dilation, causal, scale, allow_tf32)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v,
+                          cu_seqlens, alibi_slopes, sinks)
+    ctx.args = (window_left, window_right, dilation, causal, scale, allow_tf32, q_offset, softcap)
+    # An unused output's gradient arrives as None rather than zeros: an lse nobody reads costs nothing.
+    ctx.set_materialize_grads(False)
 
 
-def _banded_attn_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v = ctx.saved_tensors
-    window_left, window_right, dilation, causal, scale, allow_tf32 = ctx.args
-    dq, dk, dv, dgq, dgk, dgv = _ops.banded_attn_backward(
-        _last_dim_contiguous(grad_out), q, k, v, out, lse, window_left, window_right, dilation, attention_mask,
-        global_attention_mask, causal, scale, global_q, global_k, global_v, allow_tf32)
+def _banded_attn_backward(ctx, grad_out, grad_lse):
+    (q, k, v, out, lse, attention_mask, global_attention_mask, global_q, global_k, global_v, cu_seqlens, alibi_slopes,
+     sinks) = ctx.saved_tensors
+    window_left, window_right, dilation, causal, scale, allow_tf32, q_offset, softcap = ctx.args
+    grad_out = torch.zeros_like(out) if grad_out is None else _last_dim_contiguous(grad_out)
+    dq, dk, dv, dgq, dgk, dgv, dsinks = _ops.banded_attn_backward(
+        grad_out, q, k, v, out, lse, window_left, window_right, dilation, attention_mask, global_attention_mask,
+        causal, scale, global_q, global_k, global_v, allow_tf32, q_offset, cu_seqlens, softcap, alibi_slopes, sinks,
+        grad_lse)
     if global_q is None:
         dgq = dgk = dgv = None
-    return dq, dk, dv, None, None, None, None, None, None, None, dgq, dgk, dgv, None
+    if sinks is None:
+        dsinks = None
+    return (dq, dk, dv, None, None, None, None, None, None, None, dgq, dgk, dgv, None, None, None, None, None,
+            dsinks)
 
 
 torch.library.register_autograd("longformer::banded_attn", _banded_attn_backward, setup_context=_banded_attn_setup)

@@ -29,8 +29,18 @@ int main() {
   AttentionParams p;
   p.batch = 64;
   p.heads = 64;
-  p.seqlen = 1 << 20;  // lse has 2^32 entries
+  p.seqlen = p.queries = 1 << 20;  // lse has 2^32 entries
   expect_eq(p.lse_offset(63, 63, (1 << 20) - 1), (__int128)64 * 64 * (1 << 20) - 1, "lse last entry");
+  // Queries inside a longer key sequence: rows are positions minus q_offset.
+  p.queries = 1 << 19;
+  p.q_offset = 1 << 19;
+  expect_eq(p.lse_position_offset(63, 63, (1 << 20) - 1), (__int128)64 * 64 * (1 << 19) - 1, "lse of the last position");
+  expect_eq(p.query_offset(t, B - 1, H - 1, p.q_offset), t.offset(B - 1, H - 1, 0), "first query row");
+  p.heads_kv = 16;  // groups of 4 query heads
+  expect_eq(p.kv_head(63), 15, "KV head of the last query head");
+  expect_eq(p.grad_kv_head(63), 15, "gradient head, summed per group");
+  p.grad_kv_per_query_head = true;
+  expect_eq(p.grad_kv_head(63), 63, "gradient head, one slice per query head");
 
   BandedMatmulParams m;
   m.batch = 8;

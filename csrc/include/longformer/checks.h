@@ -68,6 +68,42 @@ inline void check_heads_tensor(const Tensor& t, const char* name, const Tensor& 
                    " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
+// k, v (and global_k, global_v, grad_k, ...) of the general op: [B, H_kv, Nk, D] with q's B, D,
+// dtype and device, H % H_kv == 0, Nk >= Nq; and the shape of `like` when given.
+inline void check_kv_tensor(const Tensor& t, const char* name, const Tensor& q, const Tensor* like) {
+  LONGFORMER_CHECK(t.dim() == 4, "longformer: ", name, " must be [B, H_kv, Nk, D], got ", t.sizes());
+  if (like != nullptr) {
+    LONGFORMER_CHECK(t.sizes().equals(like->sizes()), "longformer: ", name, " has shape ", t.sizes(),
+                     " but expected ", like->sizes());
+  }
+  LONGFORMER_CHECK(t.size(0) == q.size(0) && t.size(3) == q.size(3), "longformer: ", name, " has shape ", t.sizes(),
+                   " but q has ", q.sizes(), ": B and D must match");
+  LONGFORMER_CHECK((t.size(1) > 0 && q.size(1) % t.size(1) == 0) || (t.size(1) == 0 && q.size(1) == 0),
+                   "longformer: q has H = ", q.size(1), " heads, which must be a multiple of ", name, "'s H_kv = ",
+                   t.size(1));
+  LONGFORMER_CHECK(t.size(2) >= q.size(2), "longformer: ", name, " has Nk = ", t.size(2),
+                   " keys, fewer than q's Nq = ", q.size(2), " queries");
+  LONGFORMER_CHECK(t.scalar_type() == q.scalar_type(), "longformer: ", name, " has dtype ", t.scalar_type(),
+                   " but expected ", q.scalar_type());
+  LONGFORMER_CHECK(t.device() == q.device(), "longformer: ", name, " is on ", t.device(), " but expected ",
+                   q.device());
+  LONGFORMER_CHECK(t.numel() == 0 || t.size(3) <= 1 || t.stride(3) == 1, "longformer: ", name,
+                   " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+// One [H] float array of the general op (alibi_slopes, sinks): the accumulation dtype of q (the
+// Python wrappers convert), on q's device, contiguous.
+inline void check_per_head(const std::optional<Tensor>& t, const char* name, const Tensor& q) {
+  if (!t) return;
+  LONGFORMER_CHECK(t->dim() == 1 && t->size(0) == q.size(1), "longformer: ", name, " must be [H] = [", q.size(1),
+                   "], got ", t->sizes());
+  LONGFORMER_CHECK(t->scalar_type() == accumulation_dtype(q.scalar_type()), "longformer: ", name, " must be ",
+                   accumulation_dtype(q.scalar_type()), " for ", q.scalar_type(), " inputs, got ", t->scalar_type());
+  LONGFORMER_CHECK(t->device() == q.device(), "longformer: ", name, " is on ", t->device(), " but q is on ",
+                   q.device());
+  LONGFORMER_CHECK(t->is_contiguous(), "longformer: ", name, " must be contiguous");
+}
+
 inline bool is_bool_or_integer(ScalarType t) {
   switch (t) {
     case ScalarType::Bool:
@@ -85,10 +121,11 @@ inline bool is_bool_or_integer(ScalarType t) {
   }
 }
 
-inline void check_mask(const std::optional<Tensor>& mask, const char* name, const Tensor& q) {
+// A [B, N] role mask over the key positions (N = keys).
+inline void check_mask(const std::optional<Tensor>& mask, const char* name, const Tensor& q, int64_t keys) {
   if (!mask) return;
-  LONGFORMER_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2), "longformer: ",
-                   name, " must be [B, N] = [", q.size(0), ", ", q.size(2), "], got ", mask->sizes());
+  LONGFORMER_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == keys, "longformer: ",
+                   name, " must be [B, N] = [", q.size(0), ", ", keys, "], got ", mask->sizes());
   LONGFORMER_CHECK(is_bool_or_integer(mask->scalar_type()), "longformer: ", name,
                    " must be bool or integer (nonzero = set), got ", mask->scalar_type(),
                    "; float (additive) masks are rejected to avoid misreading them");
@@ -105,13 +142,13 @@ inline MaskView mask_view(const std::optional<Tensor>& mask) {
 // The optional global projections of banded_attn: all three or none (none: the rows of global
 // tokens use q, k, v). Returns whether they were given.
 inline bool check_global_projections(const std::optional<Tensor>& global_q, const std::optional<Tensor>& global_k,
-                                     const std::optional<Tensor>& global_v, const Tensor& q) {
+                                     const std::optional<Tensor>& global_v, const Tensor& q, const Tensor& k) {
   LONGFORMER_CHECK(global_q.has_value() == global_k.has_value() && global_k.has_value() == global_v.has_value(),
                    "longformer: global_q, global_k and global_v must be given together (all three or none)");
   if (!global_q) return false;
   check_heads_tensor(*global_q, "global_q", q);
-  check_heads_tensor(*global_k, "global_k", q);
-  check_heads_tensor(*global_v, "global_v", q);
+  check_kv_tensor(*global_k, "global_k", q, &k);
+  check_kv_tensor(*global_v, "global_v", q, &k);
   return true;
 }
 
@@ -157,13 +194,14 @@ inline void check_band(const Tensor& band, const Tensor& heads, int64_t width) {
 // t itself when contiguous (torch::stable::contiguous is a dispatcher call even then), else a copy.
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
-// The forward's lse as the backward takes it: [B, H, N] in the accumulation dtype on q's device.
-inline Tensor checked_lse(const Tensor& lse, const Tensor& q) {
+// The forward's lse (or its gradient) as the backward takes it: [B, H, Nq] in the accumulation
+// dtype on q's device.
+inline Tensor checked_lse(const Tensor& lse, const Tensor& q, const char* name = "lse") {
   LONGFORMER_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                        lse.size(2) == q.size(2) && lse.scalar_type() == accumulation_dtype(q.scalar_type()) &&
                        lse.device() == q.device(),
-                   "longformer: lse must be [B, H, N] in the accumulation dtype on q's device, as returned by "
-                   "banded_attn");
+                   "longformer: ", name, " must be [B, H, Nq] in the accumulation dtype on q's device, as ",
+                   "banded_attn returns lse");
   return as_contiguous(lse);
 }
 
@@ -195,18 +233,20 @@ inline Tensor empty_on(const Tensor& like, Sizes sizes, ScalarType dtype) {
   return empty_strided_on(like, sizes, contiguous_strides(sizes), dtype);
 }
 
-// An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D].
-inline Tensor empty_heads(const Tensor& like) {
-  const int64_t B = like.size(0), H = like.size(1), N = like.size(2), D = like.size(3);
+// An uninitialised [B, H, N, D] tensor laid out as a contiguous [B, N, H, D] (H heads if given,
+// else like's), with like's dtype and device.
+inline Tensor empty_heads(const Tensor& like, int64_t heads = -1) {
+  const int64_t B = like.size(0), H = heads < 0 ? like.size(1) : heads, N = like.size(2), D = like.size(3);
   const std::vector<int64_t> bnhd = contiguous_strides({B, N, H, D});
   return empty_strided_on(like, {B, H, N, D}, {bnhd[0], bnhd[2], bnhd[1], bnhd[3]}, like.scalar_type());
 }
 
-inline Tensor zeros_heads(const Tensor& like) {
-  Tensor t = empty_heads(like);
+inline Tensor zero_(Tensor t) {
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_zero_(t.get()));
   return t;
 }
+
+inline Tensor zeros_heads(const Tensor& like, int64_t heads = -1) { return zero_(empty_heads(like, heads)); }
 
 // A [B, H, N] log-sum-exp in the accumulation dtype, -inf everywhere (rows without keys keep it).
 inline Tensor lse_like(const Tensor& q) {

@@ -7,20 +7,30 @@
 //   struct DeviceScope { explicit DeviceScope(const Tensor& q); };  held for the call
 //   static void check_supported(const Tensor& q, bool attention);  dtypes (and, for the
 //                                              attention ops, head dims)
+//   static constexpr bool kGeneralOp;   its kernels take the general op's arguments (docs/design.md
+//                                       §2.2: grouped KV heads, Nq < Nk, cu_seqlens, score modifiers,
+//                                       sinks, the lse's gradient); where false the glue rejects them
 //   struct Tokens;  static Tokens prepare_tokens(const Tensor& q, const MaskView& attention,
-//                                                const MaskView& global, AttentionParams& p);
-//                  the roles of p (and whatever else the kernels read), alive for the call
+//                                                const MaskView& global,
+//                                                const std::optional<Tensor>& cu_seqlens,
+//                                                AttentionParams& p);
+//                  the roles of p (and whatever else the kernels read, e.g. the packed
+//                  sequences' bounds, checked there), alive for the call
 //   static int64_t forward_workspace_bytes(const AttentionCall&);
 //   static void forward(const AttentionCall&, const Tokens&);
 //   static int64_t backward_workspace_bytes(const AttentionCall&);
 //   static void backward(const AttentionCall&, const Tokens&);
+//   static void sum_kv_groups(const AttentionParams&, const Tensor& per_query_head, const Tensor& out);
+//                  (kGeneralOp only) grouped KV heads: out [B, H_kv, N, D] = the sum over each group of query heads
+//                  of per_query_head [B, H, N, D], in a fixed order
 //   static void banded_matmul(BandedMatmulOp, const BandedMatmulParams&, const Tensor& heads);
 //
 // The output contract (the same on every backend; semantics in longformer/schemas.h): out is
-// [B, H, N, D] as a view of a contiguous [B, N, H, D], every row written (padding rows 0); lse is
-// [B, H, N] in the accumulation dtype, -inf for rows without keys; the gradients are [B, H, N, D]
-// like out, zero where no gradient flows; grad_global_* are [0] without global projections.
-// Empty inputs return these shapes without launching anything.
+// [B, H, Nq, D] as a view of a contiguous [B, Nq, H, D], every row written (padding rows 0); lse is
+// [B, H, Nq] in the accumulation dtype, -inf for rows without keys; each gradient has its input's
+// shape in the same layout, zero where no gradient flows; grad_global_* are [0] without global
+// projections, grad_sinks [0] without sinks. Empty inputs return these shapes without launching
+// anything.
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -47,6 +57,14 @@ struct AttentionCall {
 
 enum class BandedMatmulOp { kQK, kPV, kPVTransposed };
 
+// The general op's arguments (docs/design.md §2.2) as the schemas pass them.
+struct GeneralArgs {
+  int64_t q_offset = -1;  // -1: Nk - Nq
+  std::optional<Tensor> cu_seqlens;
+  double softcap = 0.0;
+  std::optional<Tensor> alibi_slopes, sinks;
+};
+
 template <typename Backend>
 struct Glue {
   using Tokens = typename Backend::Tokens;
@@ -56,18 +74,56 @@ struct Glue {
     std::optional<Tokens> tokens;  // none for empty inputs
   };
 
+  // Checks of the general arguments; a backend without them (kGeneralOp false) rejects each by name.
+  static void check_general(const Tensor& q, const Tensor& k, const GeneralArgs& g) {
+    const int64_t nq = q.size(2), nk = k.size(2);
+    LONGFORMER_CHECK(g.q_offset == -1 || (g.q_offset >= 0 && g.q_offset <= nk - nq),
+                     "longformer: q_offset must be -1 (Nk - Nq) or in [0, Nk - Nq] = [0, ", nk - nq, "], got ",
+                     g.q_offset);
+    LONGFORMER_CHECK(g.softcap >= 0.0 && g.softcap < std::numeric_limits<double>::infinity(),
+                     "longformer: softcap must be finite and >= 0 (0: none), got ", g.softcap);
+    check_per_head(g.alibi_slopes, "alibi_slopes", q);
+    check_per_head(g.sinks, "sinks", q);
+    if (g.cu_seqlens) {
+      const Tensor& cu = *g.cu_seqlens;
+      LONGFORMER_CHECK(cu.dim() == 1 && cu.size(0) >= 2 &&
+                           (cu.scalar_type() == ScalarType::Int || cu.scalar_type() == ScalarType::Long),
+                       "longformer: cu_seqlens must be an int32 or int64 [S + 1] tensor with S >= 1, got ",
+                       cu.scalar_type(), " ", cu.sizes());
+      LONGFORMER_CHECK(cu.device() == q.device(), "longformer: cu_seqlens is on ", cu.device(), " but q is on ",
+                       q.device());
+      LONGFORMER_CHECK(q.size(0) == 1, "longformer: cu_seqlens packs the sequences along N and needs B == 1, got B = ",
+                       q.size(0));
+      LONGFORMER_CHECK(nq == nk, "longformer: cu_seqlens needs Nq == Nk, but q has Nq = ", nq, " and k Nk = ", nk);
+      LONGFORMER_CHECK(g.q_offset <= 0, "longformer: cu_seqlens and q_offset = ", g.q_offset,
+                       " cannot be combined");
+    }
+    if constexpr (!Backend::kGeneralOp) {
+      const char* unsupported = k.size(1) != q.size(1) ? "grouped KV heads (H_kv < H)"
+                                : nk != nq             ? "queries inside a longer key sequence (Nq < Nk)"
+                                : g.cu_seqlens         ? "cu_seqlens"
+                                : g.softcap != 0.0     ? "softcap"
+                                : g.alibi_slopes       ? "alibi_slopes"
+                                : g.sinks              ? "sinks"
+                                                       : nullptr;
+      LONGFORMER_CHECK(unsupported == nullptr, "longformer: these kernels do not implement ", unsupported,
+                       " yet (the CPU kernels do)");
+    }
+  }
+
   static Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, int64_t window_left,
                           int64_t window_right, const std::vector<int64_t>& dilation,
                           const std::optional<Tensor>& attention_mask,
                           const std::optional<Tensor>& global_attention_mask, bool causal, double scale,
-                          bool allow_tf32) {
+                          bool allow_tf32, const GeneralArgs& general) {
     check_heads_tensor(q, "q", q);
-    check_heads_tensor(k, "k", q);
-    check_heads_tensor(v, "v", q);
+    check_kv_tensor(k, "k", q, nullptr);
+    check_kv_tensor(v, "v", q, &k);
     Backend::check_supported(q, /*attention=*/true);
     check_window(window_left, window_right);
-    check_mask(attention_mask, "attention_mask", q);
-    check_mask(global_attention_mask, "global_attention_mask", q);
+    check_mask(attention_mask, "attention_mask", q, k.size(2));
+    check_mask(global_attention_mask, "global_attention_mask", q, k.size(2));
+    check_general(q, k, general);
     const std::vector<int64_t> per_head = per_head_dilation(dilation, q.size(1));
     Prepared out;
     AttentionCall& c = out.call;
@@ -77,7 +133,10 @@ struct Glue {
     AttentionParams& p = c.local;
     p.batch = q.size(0);
     p.heads = q.size(1);
-    p.seqlen = q.size(2);
+    p.heads_kv = k.size(1);
+    p.queries = q.size(2);
+    p.seqlen = k.size(2);
+    p.q_offset = general.q_offset < 0 ? p.seqlen - p.queries : general.q_offset;
     p.head_dim = q.size(3);
     p.q = heads_view(q);
     p.k = heads_view(k);
@@ -87,8 +146,12 @@ struct Glue {
     p.window_right = window_right;
     p.causal = causal;
     p.scale = scale;
-    if (q.numel() != 0) {
-      out.tokens.emplace(Backend::prepare_tokens(q, mask_view(attention_mask), mask_view(global_attention_mask), p));
+    p.softcap = general.softcap;
+    p.alibi_slopes = general.alibi_slopes ? general.alibi_slopes->const_data_ptr() : nullptr;
+    p.sinks = general.sinks ? general.sinks->const_data_ptr() : nullptr;
+    if (q.numel() != 0 && k.numel() != 0) {
+      out.tokens.emplace(Backend::prepare_tokens(q, mask_view(attention_mask), mask_view(global_attention_mask),
+                                                 general.cu_seqlens, p));
     }
     return out;
   }
@@ -122,11 +185,13 @@ struct Glue {
                                                 std::optional<Tensor> global_attention_mask, bool causal,
                                                 double scale, std::optional<Tensor> global_q,
                                                 std::optional<Tensor> global_k, std::optional<Tensor> global_v,
-                                                bool allow_tf32) {
+                                                bool allow_tf32, int64_t q_offset, std::optional<Tensor> cu_seqlens,
+                                                double softcap, std::optional<Tensor> alibi_slopes,
+                                                std::optional<Tensor> sinks) {
     typename Backend::DeviceScope scope(q);
     Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
-                            causal, scale, allow_tf32);
-    check_global_projections(global_q, global_k, global_v, q);
+                            causal, scale, allow_tf32, {q_offset, cu_seqlens, softcap, alibi_slopes, sinks});
+    check_global_projections(global_q, global_k, global_v, q, k);
     Tensor lse = lse_like(q);
     if (!prep.tokens) return {zeros_heads(q), lse};
     Tensor out = output_heads(q);
@@ -139,40 +204,71 @@ struct Glue {
     return {out, lse};
   }
 
-  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> banded_attn_backward(
+  static std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> banded_attn_backward(
       Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int64_t window_left,
       int64_t window_right, std::vector<int64_t> dilation, std::optional<Tensor> attention_mask,
       std::optional<Tensor> global_attention_mask, bool causal, double scale, std::optional<Tensor> global_q,
-      std::optional<Tensor> global_k, std::optional<Tensor> global_v, bool allow_tf32) {
+      std::optional<Tensor> global_k, std::optional<Tensor> global_v, bool allow_tf32, int64_t q_offset,
+      std::optional<Tensor> cu_seqlens, double softcap, std::optional<Tensor> alibi_slopes,
+      std::optional<Tensor> sinks, std::optional<Tensor> grad_lse) {
     typename Backend::DeviceScope scope(q);
     Prepared prep = prepare(q, k, v, window_left, window_right, dilation, attention_mask, global_attention_mask,
-                            causal, scale, allow_tf32);
-    const bool projections = check_global_projections(global_q, global_k, global_v, q);
+                            causal, scale, allow_tf32, {q_offset, cu_seqlens, softcap, alibi_slopes, sinks});
+    const bool projections = check_global_projections(global_q, global_k, global_v, q, k);
     check_heads_tensor(grad_out, "grad_out", q);
     check_heads_tensor(out, "out", q);
-    Tensor dq = zeros_heads(q), dk = zeros_heads(q), dv = zeros_heads(q);
-    auto projection_grad = [&] { return projections ? zeros_heads(q) : empty_on(q, {0}, q.scalar_type()); };
-    Tensor dgq = projection_grad(), dgk = projection_grad(), dgv = projection_grad();
-    if (!prep.tokens) return {dq, dk, dv, dgq, dgk, dgv};
+    LONGFORMER_CHECK(Backend::kGeneralOp || !grad_lse, "longformer: these kernels do not implement a gradient of ",
+                     "lse yet (the CPU kernels do)");
+    const int64_t H = q.size(1);
+    Tensor dq = zeros_heads(q), dk = zeros_heads(k), dv = zeros_heads(k);
+    auto projection_grad = [&](const Tensor& like) {
+      return projections ? zeros_heads(like) : empty_on(q, {0}, q.scalar_type());
+    };
+    Tensor dgq = projection_grad(q), dgk = projection_grad(k), dgv = projection_grad(k);
+    Tensor dsinks = zero_(empty_on(q, {sinks ? H : 0}, accumulation_dtype(q.scalar_type())));
+    if (!prep.tokens) return {dq, dk, dv, dgq, dgk, dgv, dsinks};
     Tensor lse_c = checked_lse(lse, q);
+    std::optional<Tensor> grad_lse_c;
+    if (grad_lse) grad_lse_c = checked_lse(*grad_lse, q, "grad_lse");
     AttentionCall& c = prep.call;
     AttentionParams& p = c.local;
     p.out = heads_view(out);
     p.grad_out = heads_view(grad_out);
     p.lse = lse_c.data_ptr();
+    p.grad_lse = grad_lse_c ? grad_lse_c->const_data_ptr() : nullptr;
+    p.grad_sinks = sinks ? dsinks.data_ptr() : nullptr;
+    // Grouped KV heads: the kernels write one gradient slice per query head, summed per group below.
+    p.grad_kv_per_query_head = p.heads_kv != H;
+    auto per_query_head = [&](const Tensor& grad, const Tensor& like) {
+      return p.grad_kv_per_query_head ? zeros_heads(like, H) : grad;
+    };
+    const Tensor dk_h = per_query_head(dk, k), dv_h = per_query_head(dv, k);
     p.grad_q = heads_view(dq);
-    p.grad_k = heads_view(dk);
-    p.grad_v = heads_view(dv);
+    p.grad_k = heads_view(dk_h);
+    p.grad_v = heads_view(dv_h);
     set_global_rows(c, global_q, global_k, global_v);
+    std::optional<Tensor> dgk_h, dgv_h;
     if (projections) {
+      dgk_h = per_query_head(dgk, k);
+      dgv_h = per_query_head(dgv, k);
       c.global.grad_q = heads_view(dgq);
-      c.global.grad_k = heads_view(dgk);
-      c.global.grad_v = heads_view(dgv);
+      c.global.grad_k = heads_view(*dgk_h);
+      c.global.grad_v = heads_view(*dgv_h);
     }
     c.accumulate_global = !projections;  // same tensors: the global rows' dK, dV add to the local rows'
     const std::optional<Tensor> scratch = workspace(c, q, Backend::backward_workspace_bytes(c));
     Backend::backward(c, *prep.tokens);
-    return {dq, dk, dv, dgq, dgk, dgv};
+    if constexpr (Backend::kGeneralOp) {
+      if (p.grad_kv_per_query_head) {
+        Backend::sum_kv_groups(p, dk_h, dk);
+        Backend::sum_kv_groups(p, dv_h, dv);
+        if (projections) {
+          Backend::sum_kv_groups(p, *dgk_h, dgk);
+          Backend::sum_kv_groups(p, *dgv_h, dgv);
+        }
+      }
+    }
+    return {dq, dk, dv, dgq, dgk, dgv, dsinks};
   }
 
   // Banded matmuls: `heads` is the [B, H, N, D] operand that fixes the shapes.

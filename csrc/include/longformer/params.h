@@ -58,15 +58,41 @@ struct RowMajorHeads {
   }
 };
 
+// The general op (docs/design.md §2.2) in a parameter block. Queries and keys are indexed by
+// *position*: key j is position j of the [0, seqlen) key sequence, query row i sits at position
+// q_offset + i. q, out, grad_out, grad_q and lse are [.., queries, ..]; the helpers below turn a
+// position into their row. With grouped KV heads, query head h reads KV head kv_head(h).
 struct AttentionParams {
-  int64_t batch = 0, heads = 0, seqlen = 0, head_dim = 0;
+  int64_t batch = 0, heads = 0, seqlen = 0, head_dim = 0;  // seqlen: keys (Nk), the positions
+  int64_t queries = 0;                  // Nq <= seqlen: query rows
+  int64_t q_offset = 0;                 // position of query row 0, in [0, seqlen - queries]
+  int64_t heads_kv = 0;                 // KV heads of k, v (global_k, global_v): heads % heads_kv == 0
+  // Grouped KV heads in the backward: grad_k, grad_v hold one [B, H, seqlen, D] slice per *query*
+  // head (summed over each group afterwards, in a fixed order), so no two tasks write one row.
+  bool grad_kv_per_query_head = false;
 
   RowMajorHeads q, k, v, out;           // forward operands
   RowMajorHeads grad_out;               // backward: incoming gradient
   RowMajorHeads grad_q, grad_k, grad_v; // backward: results
 
-  // Log-sum-exp per row, [B, H, N] contiguous, in the accumulation dtype; -inf where a row has no key.
+  // Log-sum-exp per row, [B, H, queries] contiguous, in the accumulation dtype; -inf where a row
+  // has no key.
   void* lse = nullptr;
+
+  // Packed sequences: cu_seqlens[0, segments] (host memory on the CPU), positions
+  // [cu_seqlens[s], cu_seqlens[s + 1]) of batch row 0 form sequence s; null: each batch row is one.
+  const int64_t* cu_seqlens = nullptr;
+  int64_t segments = 0;
+  // Score modifiers, in this order: softcap > 0 caps s to softcap * tanh(s / softcap); alibi_slopes
+  // [H] subtracts slope_h * |position distance|; sinks [H] add one logit with a zero value to each
+  // row's softmax. Both [H] arrays are in the accumulation dtype; null: not used.
+  double softcap = 0.0;
+  const void* alibi_slopes = nullptr;
+  const void* sinks = nullptr;
+  // Backward only: the incoming gradient of lse ([B, H, queries], accumulation dtype; null: none),
+  // and the sinks' gradient [H] (accumulation dtype) when sinks are given.
+  const void* grad_lse = nullptr;
+  void* grad_sinks = nullptr;
 
   const uint8_t* roles = nullptr;       // [B, N] contiguous, values of Role
   int32_t dilation[kMaxHeads] = {};     // [H] used, each >= 1 (by value, see kMaxHeads)
@@ -76,7 +102,20 @@ struct AttentionParams {
   double scale = 1.0;
 
   LONGFORMER_HOST_DEVICE int64_t lse_offset(int64_t b, int64_t h, int64_t n) const {
-    return (b * heads + h) * seqlen + n;
+    return (b * heads + h) * queries + n;
+  }
+  // The element offset of the query row at `position` (q, out, grad_out, grad_q, or any
+  // [B, H, queries, D] operand t), and of the lse entry of that row.
+  LONGFORMER_HOST_DEVICE int64_t query_offset(const RowMajorHeads& t, int64_t b, int64_t h, int64_t position) const {
+    return t.offset(b, h, position - q_offset);
+  }
+  LONGFORMER_HOST_DEVICE int64_t lse_position_offset(int64_t b, int64_t h, int64_t position) const {
+    return lse_offset(b, h, position - q_offset);
+  }
+  LONGFORMER_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / (heads / heads_kv); }
+  // The head index of grad_k, grad_v (and the global projections' gradients) for query head h.
+  LONGFORMER_HOST_DEVICE int64_t grad_kv_head(int64_t h) const {
+    return grad_kv_per_query_head ? h : kv_head(h);
   }
   // With causal attention no band slot to the right of the diagonal is ever valid.
   LONGFORMER_HOST_DEVICE int64_t effective_right() const { return causal ? 0 : window_right; }

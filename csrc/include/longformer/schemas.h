@@ -2,11 +2,18 @@
 // library; the host-emulated CUDA build (csrc/cuda/emulation) defines the same schemas under its own
 // namespace so its kernels can be called and tested side by side with the real ones.
 //
-// Shapes: q, k, v, global_q/k/v, out, grads: [B, H, N, D] with a contiguous last dimension.
-// Every [B, H, N, D] result is a view of a contiguous [B, N, H, D] tensor (merging heads is free);
-// lse is [B, H, N] contiguous in the accumulation dtype (float32; float64 for float64 inputs).
-// Masks are [B, N] bool/integer: attention_mask nonzero = real token, global_attention_mask
-// nonzero = global token (a padding token is never global). dilation has 1 or H entries.
+// Shapes (the general op of docs/design.md §2.2): q, global_q, out: [B, H, Nq, D]; k, v, global_k,
+// global_v: [B, H_kv, Nk, D] with H % H_kv == 0 and Nq <= Nk; all with a contiguous last dimension;
+// gradients have their input's shape. Every [B, H, N, D] result is a view of a contiguous
+// [B, N, H, D] tensor (merging heads is free); lse is [B, H, Nq] contiguous in the accumulation
+// dtype (float32; float64 for float64 inputs). Masks are [B, Nk] bool/integer over the key
+// positions: attention_mask nonzero = real token, global_attention_mask nonzero = global token (a
+// padding token is never global). dilation has 1 or H entries.
+//
+// The general arguments: query row i sits at key position q_offset + i (q_offset -1: Nk - Nq, the
+// newest positions); cu_seqlens (int32/int64 [S + 1], B == 1, Nq == Nk) packs S sequences along N;
+// softcap (0: none) caps the scaled scores; alibi_slopes and sinks are [H] in the accumulation
+// dtype (sinks: one extra logit per row with a zero value, a gradient returned as grad_sinks).
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -23,16 +30,20 @@ inline void define_schemas(torch::stable::detail::StableLibrary& m) {
   m.def(
       "banded_attn(Tensor q, Tensor k, Tensor v, int window_left, int window_right, int[] dilation, "
       "Tensor? attention_mask, Tensor? global_attention_mask, bool causal, float scale, "
-      "Tensor? global_q=None, Tensor? global_k=None, Tensor? global_v=None, bool allow_tf32=False) -> "
-      "(Tensor out, Tensor lse)");
+      "Tensor? global_q=None, Tensor? global_k=None, Tensor? global_v=None, bool allow_tf32=False, "
+      "int q_offset=-1, Tensor? cu_seqlens=None, float softcap=0.0, Tensor? alibi_slopes=None, "
+      "Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   // Without global projections the global rows' gradients are summed into grad_q/k/v and the
-  // grad_global_* are empty ([0]); with them, they are [B, H, N, D] like q.
+  // grad_global_* are empty ([0]); with them, they have the shapes of global_q/k/v. grad_lse
+  // (optional) is the gradient of the forward's lse; grad_sinks is [H] with sinks, else [0].
   m.def(
       "banded_attn_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "int window_left, int window_right, int[] dilation, Tensor? attention_mask, "
       "Tensor? global_attention_mask, bool causal, float scale, Tensor? global_q=None, Tensor? global_k=None, "
-      "Tensor? global_v=None, bool allow_tf32=False) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
-      "Tensor grad_global_q, Tensor grad_global_k, Tensor grad_global_v)");
+      "Tensor? global_v=None, bool allow_tf32=False, int q_offset=-1, Tensor? cu_seqlens=None, "
+      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? grad_lse=None) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_global_q, Tensor grad_global_k, "
+      "Tensor grad_global_v, Tensor grad_sinks)");
 
   // Unfused products over the band layout [B, H, N, left + right + 1], slot t of row i being key
   // j = i + (t - left) * dilation[h]:

@@ -7,7 +7,7 @@ takes the §2 ones."""
 
 import torch
 
-from .._args import check_general_attention_args, token_roles
+from .._args import check_general_attention_args, cu_seqlens_bounds, token_roles
 
 
 def allowed_pairs(q, window_left, window_right, dilation, real, glob, causal, *, q_positions=None, sequence=None):
@@ -67,7 +67,8 @@ def dense_attention(q, k, v, window, *, dilation=1, attention_mask=None, global_
     positions = args.q_offset + torch.arange(n_queries, device=q.device)
     sequence = None
     if args.cu_seqlens is not None:
-        lengths = torch.tensor([b - a for a, b in zip(args.cu_seqlens, args.cu_seqlens[1:])], device=q.device)
+        bounds = cu_seqlens_bounds(args.cu_seqlens, n_keys)
+        lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=q.device)
         sequence = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
     local_allowed, global_allowed = allowed_pairs(q, args.window_left, args.window_right, args.dilation, real, glob,
                                                   causal, q_positions=positions, sequence=sequence)

@@ -7,14 +7,15 @@ import math
 
 import torch
 
-from .._args import check_general_attention_args, token_roles
+from .._args import check_general_attention_args, cu_seqlens_bounds, token_roles
 
 
 def _sequence_of(args, n):
     """The packed sequence of each position (all 0 without cu_seqlens)."""
     seq = [0] * n
     if args.cu_seqlens is not None:
-        for s, (a, z) in enumerate(zip(args.cu_seqlens, args.cu_seqlens[1:])):
+        bounds = cu_seqlens_bounds(args.cu_seqlens, n)
+        for s, (a, z) in enumerate(zip(bounds, bounds[1:])):
             seq[a:z] = [s] * (z - a)
     return seq
 
