@@ -13,6 +13,8 @@ What it does (Beltagy et al. 2020, section 4, scaled down):
    scores only its last ``--eval-stride`` predictions, so every scored byte sees a long context. The
    bits per character (BPC) are printed next to a bigram count model's (add-one smoothing, counted on
    the training text) on exactly the same predictions.
+5. A sample: ``--sample-bytes`` bytes generated greedily after ``--prompt`` (``CharLM.generate``, on a
+   window KV cache: each byte costs the same however long the text already is).
 
     python examples/train_char_lm.py            # the full run: about 8 minutes (7.5 of them training)
     python examples/train_char_lm.py --quick    # seconds; a smoke test
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longformer_ext.models import CharLM, CharLMConfig, growing_windows, upper_layer_dilation
+from longformer_ext.models import (CharLM, CharLMConfig, decode_bytes, encode_bytes, growing_windows,
+                                   upper_layer_dilation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=450.0, help="training time (seconds), split over the phases")
     p.add_argument("--eval-context", type=int, default=1024)
     p.add_argument("--eval-stride", type=int, default=512)
+    p.add_argument("--prompt", default="def ", help="text the printed sample continues")
+    p.add_argument("--sample-bytes", type=int, default=200, help="bytes of the sample (0: no sample)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: the CPUs this process may use minus the load of other processes, "
                         "re-chosen every 20 s)")
@@ -238,6 +243,8 @@ def parse_args(argv=None):
         p.error(f"--steps needs 1 or {args.phases} values")
     if len(args.shares) != args.phases or min(args.shares) <= 0:
         p.error(f"--shares needs {args.phases} positive values")
+    if args.sample_bytes > 0 and not args.prompt:
+        p.error("--prompt must not be empty (the sample continues it)")
     return args
 
 
@@ -319,7 +326,16 @@ def main(argv=None):
           f"{args.eval_stride} of each")
     print(f"held-out BPC: char LM {nats / count / math.log(2):.3f} | bigram (add-one) "
           f"{bigram / count / math.log(2):.3f}")
-    print(f"time: {time.perf_counter() - t0:.1f} s total ({train_s:.1f} s training, {eval_s:.1f} s evaluation)")
+
+    sample_start = time.perf_counter()
+    if args.sample_bytes > 0:
+        prompt = encode_bytes(args.prompt)[None]
+        text = model.generate(prompt, max_new_tokens=args.sample_bytes)[0]
+        print(f"sample ({args.sample_bytes} bytes after the prompt {args.prompt!r}, greedy):")
+        print(decode_bytes(text))
+    sample_s = time.perf_counter() - sample_start
+    print(f"time: {time.perf_counter() - t0:.1f} s total ({train_s:.1f} s training, {eval_s:.1f} s evaluation, "
+          f"{sample_s:.1f} s sample)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ cost. Here:
 * positions are relative: rotary embeddings rotate q and k before the op (the fused op takes no score
   bias, and a rotation of q and k makes ``q_i . k_j`` depend on ``i - j`` only), so the model has no
   maximum length and the same weights run at every phase of the staged schedule;
-* the vocabulary is bytes (256 symbols), input and output embeddings are tied.
+* the vocabulary is bytes (256 symbols), input and output embeddings are tied;
+* ``generate`` decodes on a ``WindowKVCache``: the prompt in one forward, then one byte per forward,
+  each attending to the last ``window * max(dilation)`` positions kept per layer.
 
 The window and dilation are not parameters: ``set_windows`` changes them between training phases
 (the paper doubles the window each phase).
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import longformer_attention
+from ..cache import WindowKVCache
 
 __all__ = ["CharLMConfig", "CharLM", "growing_windows", "upper_layer_dilation", "encode_bytes", "decode_bytes"]
 
@@ -88,7 +91,8 @@ class CharLMConfig:
 
 class Rotary(nn.Module):
     """Rotary position embedding: channel pair ``(x[c], x[c + D/2])`` of position ``n`` is rotated
-    by the angle ``n * base^(-2c/D)``. The cos/sin table is cached per (length, device, dtype)."""
+    by the angle ``n * base^(-2c/D)``. The cos/sin table is cached per (length, first position,
+    device, dtype)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -96,16 +100,20 @@ class Rotary(nn.Module):
                              persistent=False)
         self._cache: dict = {}
 
-    def tables(self, n: int, device, dtype) -> tuple[Tensor, Tensor]:
-        key = (n, device, dtype)
+    def tables(self, n: int, offset: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[n, D/2]`` of positions ``offset .. offset + n - 1`` (computed for those
+        positions only, so that a decoding step costs the same at any position)."""
+        key = (n, offset, device, dtype)
         if key not in self._cache:
-            angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+            positions = torch.arange(offset, offset + n, device=device, dtype=torch.float32)
+            angles = positions[:, None] * self.inv_freq.to(device)[None, :]
             self._cache = {key: (angles.cos().to(dtype), angles.sin().to(dtype))}  # keep the latest only
         return self._cache[key]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x``: ``[B, H, N, D]``; returns a new contiguous tensor of the same shape."""
-        cos, sin = self.tables(x.shape[-2], x.device, x.dtype)
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """``x``: ``[B, H, N, D]`` at positions ``offset .. offset + N - 1``; returns a new contiguous
+        tensor of the same shape."""
+        cos, sin = self.tables(x.shape[-2], offset, x.device, x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -113,6 +121,7 @@ class Rotary(nn.Module):
 class CausalWindowAttention(nn.Module):
     def __init__(self, config: CharLMConfig, layer: int, rotary: Rotary):
         super().__init__()
+        self.layer = layer  # its index in a WindowKVCache
         self.heads = config.heads
         self.head_dim = config.dim // config.heads
         self.window = config.windows[layer]
@@ -121,14 +130,22 @@ class CausalWindowAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.out = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
         b, n, c = x.shape
         # [B, N, 3, H, D] -> three [B, H, N, D] views (head split without a copy; v goes in as a view)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.rotary(q), self.rotary(k)
-        # (window, 0) already excludes the future; causal=True states the intent and would also cover
-        # global tokens if a caller ever added some.
-        y = longformer_attention(q, k, v, (self.window, 0), dilation=self.dilation, causal=True)
+        if cache is None:
+            q, k = self.rotary(q), self.rotary(k)
+            # (window, 0) already excludes the future; causal=True states the intent and would also
+            # cover global tokens if a caller ever added some.
+            y = longformer_attention(q, k, v, (self.window, 0), dilation=self.dilation, causal=True)
+        else:
+            # The new tokens follow the cached ones, whose keys were rotated by their absolute
+            # positions: so are the new ones. (next_position counts the tokens that went through the
+            # last layer, so it reads the same in every layer of this forward.)
+            offset = cache.next_position
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            y = cache.attend(self.layer, q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, n, c))  # y is [B, N, H, D] in memory: free reshape
 
 
@@ -142,14 +159,15 @@ class Block(nn.Module):
                                  nn.Linear(config.mlp_ratio * config.dim, config.dim))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
 class CharLM(nn.Module):
     """Byte-level causal LM. ``forward(tokens [B, N] int64) -> logits [B, N, vocab]``; the logits at
-    position ``i`` predict byte ``i + 1`` and depend on bytes ``<= i`` only."""
+    position ``i`` predict byte ``i + 1`` and depend on bytes ``<= i`` only. ``generate`` continues
+    a prompt."""
 
     def __init__(self, config: CharLMConfig):
         super().__init__()
@@ -193,18 +211,76 @@ class CharLM(nn.Module):
         """How many past bytes the last position can depend on: the per-layer reaches add up."""
         return sum(block.attn.window * max(block.attn.dilation) for block in self.blocks)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def new_cache(self, slack: Optional[int] = None) -> WindowKVCache:
+        """An empty KV cache for this model's current windows and dilations (see ``forward``)."""
+        return WindowKVCache(self.windows, self.dilations, slack=slack)
+
+    def forward(self, tokens: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
+        """Logits ``[B, N, vocab]`` of ``tokens`` ``[B, N]``. With a ``cache`` (``new_cache``), the
+        tokens are the ``N`` positions after those the cache has seen: they attend to the cached keys
+        and their own, and the cache takes their keys and values (call it under ``torch.no_grad``)."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be an int64 [B, N] tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if cache is not None and (cache.windows != self.windows or cache.dilations != self.dilations):
+            raise ValueError(f"the cache was made for windows {cache.windows} and dilations {cache.dilations}, but the "
+                             f"model has {self.windows} and {self.dilations}: make a new one with new_cache()")
         x = self.drop(self.embed(tokens))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cache)
         return F.linear(self.norm(x), self.embed.weight)  # tied input/output embedding
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean next-byte cross-entropy in nats over ``tokens[:, 1:]``."""
         logits = self(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, ids: Tensor, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continues the prompts ``ids`` ``[B, N]`` (int64, ``N >= 1``) by ``max_new_tokens`` bytes and
+        returns ``[B, N + max_new_tokens]``: the prompts followed by the new bytes.
+
+        Greedy (the most likely byte) unless ``do_sample``: then each byte is drawn from the softmax of
+        the logits divided by ``temperature``, restricted to the ``top_k`` most likely bytes when
+        given, with ``generator``'s random numbers. Runs in eval mode (the model's mode is restored)
+        on a ``WindowKVCache``: the prompt goes through the model once, then each new byte alone, so
+        a byte costs the same however long the text already is."""
+        if ids.dim() != 2 or ids.dtype != torch.long or ids.shape[1] == 0:
+            raise ValueError(f"ids must be a non-empty int64 [B, N] tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not do_sample and (temperature != 1.0 or top_k is not None):
+            raise ValueError("temperature and top_k shape the sampling: pass do_sample=True with them")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_cache()
+            logits = self(ids, cache)[:, -1]
+            new = []
+            for step in range(max_new_tokens):
+                token = _next_token(logits, do_sample, temperature, top_k, generator)[:, None]
+                new.append(token)
+                if step + 1 < max_new_tokens:  # the last byte's own prediction is not needed
+                    logits = self(token, cache)[:, -1]
+        finally:
+            self.train(was_training)
+        return torch.cat([ids, *new], dim=1)
+
+
+def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> Tensor:
+    """``[B]`` next bytes from the last logits ``[B, vocab]``."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
 def encode_bytes(text) -> Tensor:
