@@ -145,7 +145,10 @@ FLOAT_TILE_SHUFFLES = {
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
-SIMT_REGISTERS = 128
+# SIMT kernels: one block of 4-8 warps per SM needs no more than these; the general op's arguments
+# (score modifiers, packed sequences' bounds) took the largest, the global keys' dK/dV partials of
+# float16/bfloat16 at D <= 256 (8 values per lane in six rows), to 130 on sm_80.
+SIMT_REGISTERS = 136
 SIMT_FLOAT64_REGISTERS = 240
 
 

@@ -1,7 +1,8 @@
 """The general sliding-window op (docs/design.md §2.2) on the fused CPU kernels: a seeded sweep of
 every general argument, alone and combined with dilation, causal and asymmetric windows, global
 tokens (with and without projections) and padding, against the float64 oracle (outputs, lse and
-every gradient, the sinks' among them); the reductions that define the arguments, on the kernels;
+every gradient, the sinks' among them), on the CPU kernels and (a subset) on the CUDA kernels through
+the host emulation; the reductions that define the arguments, on the kernels;
 gradcheck, opcheck, torch.compile and torch.export with the new arguments; errors. (That the lse
 merges two disjoint key sets exactly is the oracle's property, tests/test_reference_general.py; the
 sweep holds the kernels' lse to the oracle's.)
@@ -17,6 +18,7 @@ import torch
 from conftest import SEED, TOLERANCE, assert_close_to_oracle
 from longformer_ext import longformer_attention
 from longformer_ext.reference import dense_attention
+from longformer_ext.testing import cuda_emulation, load_emulated_library
 
 SWEEP_COUNT = int(os.environ.get("LONGFORMER_GENERAL_SWEEP_COUNT", "80"))
 FEATURES = ("gqa", "q_offset", "cu_seqlens", "softcap", "alibi", "sinks", "lse")
@@ -107,7 +109,50 @@ CASES = [_draw_case(i) for i in range(SWEEP_COUNT)]
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_general_op_matches_oracle(case):
+    _check_against_oracle(case)
+
+
+# The CUDA kernels through the host emulation (slow: a subset of the cases, on their own seeds).
+EMULATED_CASES = [_draw_case(10_000 + i) for i in range(SWEEP_COUNT // 2)]
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=_case_id)
+def test_emulated_cuda_general_op_matches_oracle(case):
+    try:
+        load_emulated_library()
+    except RuntimeError as exc:
+        if os.environ.get("LONGFORMER_REQUIRE_EMULATION") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    with cuda_emulation():  # forward and backward both on the emulated kernels
+        _check_against_oracle(case)
+
+
+def _has_cuda_kernels():
+    try:
+        from longformer_ext import _build_info
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and _build_info.CUDA_MAJOR is not None
+
+
+@pytest.mark.skipif(not _has_cuda_kernels(), reason="needs a GPU and a CUDA build of longformer_ext")
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=_case_id)
+def test_cuda_general_op_matches_oracle(case):
+    _check_against_oracle(case, device="cuda")
+
+
+def _to_device(device, q, k, v, kw, names, leaves):
+    """The case's inputs on `device`, its differentiable ones as new leaves there."""
+    moved = {name: t.detach().to(device).requires_grad_() for name, t in zip(names, leaves)}
+    kw = {key: moved.get(key, val.to(device)) if torch.is_tensor(val) else val for key, val in kw.items()}
+    return moved["q"], moved["k"], moved["v"], kw, [moved[name] for name in names]
+
+
+def _check_against_oracle(case, device="cpu"):
     q, k, v, window, kw, names, leaves = _build(case)
+    if device != "cpu":
+        q, k, v, kw, leaves = _to_device(device, q, k, v, kw, names, leaves)
     with_lse = "lse" in case["features"] or "sinks" in case["features"]
     result = longformer_attention(q, k, v, window, return_lse=with_lse, **kw)
     out, lse = result if with_lse else (result, None)
@@ -178,6 +223,29 @@ def test_queries_inside_longer_keys_equal_the_last_rows():
     torch.testing.assert_close(last_lse, full_lse[:, :, -nq:], rtol=1e-5, atol=1e-6)
     middle = longformer_attention(q[:, :, 20:20 + nq], k, v, (6, 0), q_offset=20, **kw)
     torch.testing.assert_close(middle, full[:, :, 20:20 + nq], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 30])
+def test_grouped_heads_sharing_tiles_match_oracle(nq):
+    """A KV group's query heads with one dilation share their tiles in the CPU forward (8 heads: 8
+    queries of each per tile): one query (decoding), a few, and several tiles' worth, with padding,
+    global keys, ALiBi and sinks (per head, so per row of a shared tile), against the oracle."""
+    h, h_kv, d, nk = 16, 2, 8, 41
+    gen = torch.Generator().manual_seed(nq)
+    q = torch.randn(2, h, nq, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, h_kv, nk, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    real = torch.rand(2, nk, generator=gen) > 0.1
+    glob = torch.zeros(2, nk, dtype=torch.bool)
+    glob[:, [4, 20]] = True
+    kw = dict(dilation=[2] * 8 + [1] * 8, causal=True, attention_mask=real, global_attention_mask=glob,
+              alibi_slopes=torch.rand(h, generator=gen, dtype=torch.float64),
+              sinks=torch.randn(h, generator=gen, dtype=torch.float64))
+    out, lse = longformer_attention(q, k, v, (9, 0), return_lse=True, **kw)
+    expected, expected_lse = dense_attention(q, k, v, (9, 0), return_lse=True, **kw)
+    assert_close_to_oracle(out, expected, torch.float64, "output")
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse))
+    finite = torch.isfinite(expected_lse)
+    assert_close_to_oracle(lse[finite], expected_lse[finite], torch.float64, "lse")
 
 
 def test_grouped_kv_heads_equal_repeated_heads_with_gradients_summed():
@@ -339,18 +407,3 @@ def test_op_checks_packed_bounds_itself():
         qb = q.bfloat16()
         torch.ops.longformer.banded_attn(qb, qb, qb, 1, 1, [1], None, None, False, 0.5, None, None, None, False,
                                          -1, None, 0.0, None, torch.zeros(2, dtype=torch.bfloat16))
-
-
-def test_emulated_cuda_kernels_name_what_they_do_not_take():
-    """The CUDA kernels take docs/design.md §2 only so far: each general argument is refused by name."""
-    from longformer_ext.testing import cuda_emulation, load_emulated_library
-    try:
-        load_emulated_library()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    q = torch.randn(1, 4, 10, 8)
-    with cuda_emulation():
-        with pytest.raises(RuntimeError, match=r"do not implement grouped KV heads \(H_kv < H\) yet"):
-            longformer_attention(q, q[:, :2], q[:, :2], 2)
-        with pytest.raises(RuntimeError, match="do not implement sinks yet"):
-            longformer_attention(q, q, q, 2, sinks=torch.zeros(4))

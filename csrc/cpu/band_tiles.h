@@ -62,19 +62,38 @@ inline std::vector<Residue> residues(const AttentionParams& p, const std::vector
   return out;
 }
 
-// A run of consecutive query indices [begin, end) of one residue.
+// A run of consecutive query indices [begin, end) of one residue, in `heads` consecutive query heads
+// from h that read the same keys (one head, or a group of grouped KV heads with one dilation).
 struct BandTile : Residue {
-  int64_t begin, end;
+  int64_t begin, end, heads;
 
   Positions rows(int64_t from) const { return at(from); }
 };
 
-// The tiles of query rows: each residue's queries in runs of `tile`.
+// How many consecutive query heads from h share its keys: the rest of its KV head's group when
+// they all have h's dilation (grouped KV heads), else 1.
+inline int64_t heads_sharing_keys(const AttentionParams& p, int64_t h) {
+  const int64_t group = p.heads / p.heads_kv;
+  if (group == 1 || h % group != 0) return 1;
+  for (int64_t g = h + 1; g < h + group; ++g) {
+    if (p.dilation[g] != p.dilation[h]) return 1;
+  }
+  return group;
+}
+
+// The tiles of query rows: each residue's queries in runs of `tile` rows. Heads that read the same
+// keys share their tiles (tile / heads queries of each), so that a decoding step's few queries of a
+// KV group pack and read its keys once rather than once per query head.
 inline std::vector<BandTile> band_tiles(const AttentionParams& p, const std::vector<Segment>& segs, int64_t tile) {
   std::vector<BandTile> tiles;
+  const int64_t group = p.heads / p.heads_kv;
   for (const Residue& res : residues(p, segs)) {
-    for (int64_t a = res.first_query; a < res.query_end; a += tile) {
-      tiles.push_back({res, a, std::min(a + tile, res.query_end)});
+    const int64_t leader = res.h - res.h % group;
+    if (res.h != leader && heads_sharing_keys(p, leader) > 1) continue;  // in its group leader's tiles
+    const int64_t heads = heads_sharing_keys(p, res.h);
+    const int64_t per_head = std::max<int64_t>(1, tile / heads);
+    for (int64_t a = res.first_query; a < res.query_end; a += per_head) {
+      tiles.push_back({res, a, std::min(a + per_head, res.query_end), heads});
     }
   }
   return tiles;

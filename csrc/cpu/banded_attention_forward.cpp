@@ -3,8 +3,9 @@
 // Global and padding rows come out as 0 with lse = -inf (the op then fills global rows
 // with global_attention_forward).
 //
-// Task = one BandTile of queries (a ForwardTile). Its band keys are walked in blocks of at most
-// kBlockLimit, then the batch row's global keys (gathered) in blocks of the same size.
+// Task = one BandTile of queries (a ForwardTile; with grouped KV heads, the same queries of the
+// group's heads, which read the same keys). Its band keys are walked in blocks of at most
+// kBlockLimit, then the segment's global keys (gathered) in blocks of the same size.
 #include "band_tiles.h"
 #include "forward_tile.h"
 #include "kernels.h"
@@ -38,20 +39,28 @@ void banded_attention_forward(const AttentionParams& p) {
 
     for (int64_t t = first; t < last; ++t) {
       const BandTile& tile = tiles[t];
-      const int64_t rows = tile.end - tile.begin;
+      const int64_t per_head = tile.end - tile.begin, rows = per_head * tile.heads;  // row r: head r / per_head
       const uint8_t* roles = p.roles + tile.b * p.seqlen;
       // Query-side pointers are indexed by position (params.h: query_offset), key-side ones by
-      // position in the query head's KV head.
-      const auto* qh = static_cast<const scalar_t*>(p.q.data) + p.query_offset(p.q, tile.b, tile.h, 0);
+      // position in the query heads' KV head.
+      auto query_head = [&](const RowMajorHeads& t, int64_t r) {
+        return static_cast<scalar_t*>(t.data) + p.query_offset(t, tile.b, tile.h + r / per_head, 0);
+      };
       const auto* kh = static_cast<const scalar_t*>(p.k.data) + p.k.offset(tile.b, p.kv_head(tile.h), 0);
       const auto* vh = static_cast<const scalar_t*>(p.v.data) + p.v.offset(tile.b, p.kv_head(tile.h), 0);
       const Positions qpos = tile.rows(tile.begin);
-      query.start(qh, p.q.stride_n, qpos, rows, static_cast<acc>(p.scale), ScoreModifiers<acc>(p, tile.h));
+      query.start(rows);
+      for (int64_t r0 = 0; r0 < rows; r0 += per_head) {
+        query.load(r0, query_head(p.q, r0), p.q.stride_n, qpos, per_head, static_cast<acc>(p.scale),
+                   ScoreModifiers<acc>(p, tile.h + r0 / per_head));
+      }
       // What the next tile of this band reads first: its queries and the keys it adds to the band.
-      const int64_t next_rows = std::min(kRowTile, tile.query_end - tile.end);
+      const int64_t next_rows = std::min(per_head, tile.query_end - tile.end);
       const int64_t next_key = std::min(tile.length, tile.end + right);
       const int64_t next_keys = std::min(kRowTile, tile.length - next_key);
-      prefetch_rows(qh, p.q.stride_n, tile.rows(tile.end), next_rows, D);
+      for (int64_t r0 = 0; r0 < rows; r0 += per_head) {
+        prefetch_rows(query_head(p.q, r0), p.q.stride_n, tile.rows(tile.end), next_rows, D);
+      }
       prefetch_rows(kh, p.k.stride_n, tile.rows(next_key), next_keys, D);
       prefetch_rows(vh, p.v.stride_n, tile.rows(next_key), next_keys, D);
 
@@ -69,8 +78,9 @@ void banded_attention_forward(const AttentionParams& p) {
           all_local = all_local && local;
         }
         for (int64_t r = 0; r < rows; ++r) {
-          query.lo()[r] = tile.begin + r - left - c0;
-          query.hi()[r] = tile.begin + r + right + 1 - c0;
+          const int64_t a = tile.begin + r % per_head;
+          query.lo()[r] = a - left - c0;
+          query.hi()[r] = a + right + 1 - c0;
         }
         query.attend(band, c0, keys, all_local ? nullptr : bias.get());
       });
@@ -83,23 +93,20 @@ void banded_attention_forward(const AttentionParams& p) {
         const int64_t keys = g1 - g0;
         for (int64_t r = 0; r < rows; ++r) {
           query.lo()[r] = 0;
-          query.hi()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r]) : keys;
+          query.hi()[r] = p.causal ? count_at_most(g.data() + g0, keys, qpos[r % per_head]) : keys;
         }
         query.attend(global, g0, keys, nullptr);
       });
 
-      auto* out_h = static_cast<scalar_t*>(p.out.data) + p.query_offset(p.out, tile.b, tile.h, 0);
-      auto* lse = static_cast<acc*>(p.lse) + p.lse_position_offset(tile.b, tile.h, 0);
-      const acc sink = sink_logit<acc>(p, tile.h);
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = qpos[r];
-        acc row_lse = query.finish_row(r, row_out.get(), sink);
+        const int64_t h = tile.h + r / per_head, i = qpos[r % per_head];
+        acc row_lse = query.finish_row(r, row_out.get(), sink_logit<acc>(p, h));
         if (roles[i] != kLocal) {
           std::fill(row_out.get(), row_out.get() + D, acc(0));
           row_lse = neg_inf<acc>();
         }
-        lse[i] = row_lse;
-        store_rows(out_h, p.out.stride_n, Positions{i, 1}, row_out.get(), 1, D);
+        static_cast<acc*>(p.lse)[p.lse_position_offset(tile.b, h, i)] = row_lse;
+        store_rows(query_head(p.out, r), p.out.stride_n, Positions{i, 1}, row_out.get(), 1, D);
       }
     }
   });

@@ -163,21 +163,40 @@ class ForwardTile {
  public:
   explicit ForwardTile(int64_t dim)
       : dim_(dim), q_(kRowTile * dim), o_(kRowTile * dim), m_(kRowTile), l_(kRowTile), lo_(kRowTile),
-        hi_(kRowTile), s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
+        hi_(kRowTile), positions_(kRowTile), mods_(kRowTile),
+        s_(kMicroRows * (kBlockLimit + 2 * key_panel_width<acc>())) {}
 
-  // Begins a tile: queries pos[0, rows) of `head`, times `scale`, their scores modified by `mods`;
-  // empty softmax state.
-  template <typename scalar_t>
-  void start(const scalar_t* head, int64_t stride_n, Positions pos, int64_t rows, acc scale,
-             const ScoreModifiers<acc>& mods = {}) {
+  // Begins a tile of `rows` <= kRowTile query rows with an empty softmax state; `load` fills them.
+  void start(int64_t rows) {
     rows_ = rows;
-    positions_ = pos;
-    mods_ = mods;
-    load_rows(q_.get(), head, stride_n, pos, rows, dim_);
-    for (int64_t i = 0; i < rows * dim_; ++i) q_.get()[i] *= scale;
+    modified_ = false;
     std::fill(o_.get(), o_.get() + rows * dim_, acc(0));
     std::fill(m_.get(), m_.get() + rows, neg_inf<acc>());
     std::fill(l_.get(), l_.get() + rows, acc(0));
+  }
+
+  // Rows [row0, row0 + count) of the tile: queries pos[0, count) of `head`, times `scale`, their
+  // scores modified by `mods` (rows of several heads can share a tile when they read the same keys:
+  // grouped KV heads).
+  template <typename scalar_t>
+  void load(int64_t row0, const scalar_t* head, int64_t stride_n, Positions pos, int64_t count, acc scale,
+            const ScoreModifiers<acc>& mods = {}) {
+    acc* q = q_.get() + row0 * dim_;
+    load_rows(q, head, stride_n, pos, count, dim_);
+    for (int64_t i = 0; i < count * dim_; ++i) q[i] *= scale;
+    for (int64_t r = 0; r < count; ++r) {
+      positions_.get()[row0 + r] = pos[r];
+      mods_.get()[row0 + r] = mods;
+    }
+    modified_ = modified_ || mods.any();
+  }
+
+  // A tile of one head's queries pos[0, rows): start and load.
+  template <typename scalar_t>
+  void start(const scalar_t* head, int64_t stride_n, Positions pos, int64_t rows, acc scale,
+             const ScoreModifiers<acc>& mods = {}) {
+    start(rows);
+    load(0, head, stride_n, pos, rows, scale, mods);
   }
 
   // Per-row key intervals of the next `attend`, block-relative; clamped there.
@@ -214,10 +233,10 @@ class ForwardTile {
         for (int64_t p0 = first / W * W; p0 < last; p0 += W) {
           score_panel<MR>(q_.get() + r0 * dim_, dim_, kv.keys.panel(panel0 + p0 / W), dim_, s + p0, lds);
         }
-        if (mods_.any()) {  // on the keys each row sees; score index c is key c0 + c - shift
+        if (modified_) {  // on the keys each row sees; score index c is key c0 + c - shift
           for (int64_t r = 0; r < MR; ++r) {
-            mods_.apply(s + r * lds + lo[r], hi[r] - lo[r], positions_[r0 + r], kv.positions.from(c0 + lo[r] - shift),
-                        nullptr);
+            modify_scores(mods_.get()[r0 + r], s + r * lds + lo[r], hi[r] - lo[r], positions_.get()[r0 + r],
+                          kv.positions.from(c0 + lo[r] - shift), static_cast<acc*>(nullptr));
           }
         }
         for (int64_t r = 0; r < MR; ++r) {
@@ -280,10 +299,11 @@ class ForwardTile {
   }
 
   int64_t dim_, rows_ = 0;
-  Positions positions_;  // of the tile's queries
-  ScoreModifiers<acc> mods_;
+  bool modified_ = false;  // some row has score modifiers
   Scratch<acc> q_, o_, m_, l_;
   Scratch<int64_t> lo_, hi_;
+  Scratch<int64_t> positions_;           // of each row's query
+  Scratch<ScoreModifiers<acc>> mods_;    // of each row's head
   Scratch<acc> s_;
 };
 

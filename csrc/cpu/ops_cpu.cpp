@@ -87,7 +87,6 @@ std::vector<int64_t> read_cu_seqlens(const Tensor& cu, int64_t n) {
 
 struct CpuBackend {
   static constexpr bool kZeroFilledOutputs = false;  // every kernel writes every element of its output
-  static constexpr bool kGeneralOp = true;
 
   struct DeviceScope {
     explicit DeviceScope(const Tensor&) {}

@@ -19,6 +19,7 @@
 
 #include "gemm.h"
 #include "longformer/params.h"
+#include "longformer/score_modifiers.h"
 #include "vector_math.h"
 
 namespace longformer::cpu {
@@ -187,42 +188,11 @@ acc dot(const acc* a, const acc* b, int64_t n) {
   return total;
 }
 
-// The score modifiers of one head (docs/design.md §2.2), applied to a scaled score in this order:
-// softcap > 0 makes it softcap * tanh(s / softcap); ALiBi subtracts slope * |query - key position|.
+// s[0, n) of the query at `query` against keys at positions keys[0, n), modified (score_modifiers.h);
+// where `dcap` is given it receives the softcap's derivative of each.
 template <typename acc>
-struct ScoreModifiers {
-  acc softcap = 0;
-  acc slope = 0;
-  bool alibi = false;
-
-  ScoreModifiers() = default;
-  ScoreModifiers(const AttentionParams& p, int64_t h)
-      : softcap(static_cast<acc>(p.softcap)),
-        slope(p.alibi_slopes ? static_cast<const acc*>(p.alibi_slopes)[h] : acc(0)),
-        alibi(p.alibi_slopes != nullptr) {}
-
-  bool any() const { return softcap > acc(0) || alibi; }
-
-  // s[0, n) of the query at `query`, against keys at positions keys[0, n); where `dcap` is given it
-  // receives the softcap's derivative d(capped)/d(s) = 1 - tanh^2 (the backward's chain rule).
-  void apply(acc* s, int64_t n, int64_t query, Positions keys, acc* dcap) const {
-    for (int64_t c = 0; c < n; ++c) {
-      acc x = s[c];
-      if (softcap > acc(0)) {
-        const acc t = std::tanh(x / softcap);
-        x = softcap * t;
-        if (dcap) dcap[c] = acc(1) - t * t;
-      }
-      if (alibi) x -= slope * static_cast<acc>(std::abs(query - keys[c]));
-      s[c] = x;
-    }
-  }
-};
-
-// The sink logit of head h (docs/design.md §2.2), -inf without sinks.
-template <typename acc>
-acc sink_logit(const AttentionParams& p, int64_t h) {
-  return p.sinks ? static_cast<const acc*>(p.sinks)[h] : neg_inf<acc>();
+void modify_scores(const ScoreModifiers<acc>& mods, acc* s, int64_t n, int64_t query, Positions keys, acc* dcap) {
+  for (int64_t c = 0; c < n; ++c) s[c] = mods.apply(s[c], query, keys[c], dcap ? dcap + c : nullptr);
 }
 
 // s[rows][keys] = scale * q[rows][dim] . k[keys][dim]^T
@@ -290,7 +260,7 @@ void backward_scores(acc* s, acc* dcap, Rows<acc> q, Rows<acc> k, int64_t rows, 
   score_tile(s, q, k, rows, keys, dim, scale);
   if (mods.any()) {
     for (int64_t r = 0; r < rows; ++r) {
-      mods.apply(s + r * keys, keys, qpos[r], kpos, mods.softcap > acc(0) ? dcap + r * keys : nullptr);
+      modify_scores(mods, s + r * keys, keys, qpos[r], kpos, mods.softcap > acc(0) ? dcap + r * keys : nullptr);
     }
   }
   mask_tile(s, rows, keys, lo, hi, key_bias);

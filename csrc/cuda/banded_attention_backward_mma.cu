@@ -270,6 +270,7 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }

@@ -128,6 +128,7 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* strea
 }  // namespace
 
 bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
+  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }

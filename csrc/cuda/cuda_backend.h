@@ -53,7 +53,6 @@ inline DType attention_dtype(const AttentionCall& c) {
 template <typename Device>
 struct CudaBackend {
   static constexpr bool kZeroFilledOutputs = true;  // launchers.h: kernels write only the rows they compute
-  static constexpr bool kGeneralOp = false;         // §2 only so far: the glue rejects the §2.2 arguments
   using DeviceScope = typename Device::Scope;
 
   static void check_supported(const Tensor& q, bool attention) {
@@ -62,25 +61,37 @@ struct CudaBackend {
                      kMaxHeadDim, ", got ", q.size(3));
   }
 
-  // Token roles and the sorted global positions, prepared on the device from the masks as they are.
+  // Token roles and the sorted global positions, prepared on the device from the masks as they are;
+  // the packed sequences' bounds as int64 (cu_seqlens' values are checked by longformer_attention in
+  // eager mode: reading them here would synchronise the stream).
   struct Tokens {
     Tensor roles;          // uint8 [B, N]
     Tensor global_tokens;  // int64 [B * N + B]: global_index [B, N], then global_count [B]
+    std::optional<Tensor> cu_seqlens;  // int64 [S + 1]
     GlobalKeys globals;
     void* stream;          // the stream of q's device, for every launch of the call
   };
 
   static Tokens prepare_tokens(const Tensor& q, const MaskView& attention, const MaskView& global,
-                               const std::optional<Tensor>& /*cu_seqlens: rejected by the glue*/,
-                               AttentionParams& p) {
+                               const std::optional<Tensor>& cu_seqlens, AttentionParams& p) {
     const int64_t B = p.batch, N = p.seqlen;
     Tensor roles = empty_on(q, {B, N}, ScalarType::Byte), global_tokens = empty_on(q, {B * N + B}, ScalarType::Long);
     int64_t* tokens = global_tokens.mutable_data_ptr<int64_t>();
     p.roles = roles.mutable_data_ptr<uint8_t>();
-    Tokens t{roles, global_tokens, GlobalKeys{tokens, tokens + B * N}, Device::stream(q)};
+    Tokens t{roles, global_tokens, std::nullopt, GlobalKeys{tokens, tokens + B * N}, Device::stream(q)};
     Device::check(prepare_token_roles(attention, global, B, N, roles.mutable_data_ptr<uint8_t>(), tokens,
                                       tokens + B * N, t.stream),
                   "token roles");
+    if (cu_seqlens) {
+      const int64_t count = cu_seqlens->size(0);
+      Tensor bounds = empty_on(q, {count}, ScalarType::Long);
+      Device::check(copy_cu_seqlens(cu_seqlens->const_data_ptr(), static_cast<int>(cu_seqlens->element_size()),
+                                    cu_seqlens->stride(0), count, bounds.mutable_data_ptr<int64_t>(), t.stream),
+                    "cu_seqlens");
+      p.cu_seqlens = bounds.const_data_ptr<int64_t>();
+      p.segments = count - 1;
+      t.cu_seqlens = bounds;
+    }
     return t;
   }
 
@@ -121,6 +132,15 @@ struct CudaBackend {
                                               stream),
                     "banded_attn_backward (global rows)");
     }
+    // Every row's delta is in the workspace now (the local rows' and the global rows' kernels
+    // write theirs at the same place).
+    Device::check(sinks_backward(c.local, c.workspace, kernel_dtype(c.dtype), stream), "banded_attn_backward (sinks)");
+  }
+
+  static void sum_kv_groups(const AttentionParams& p, const Tensor& per_query_head, const Tensor& out) {
+    Device::check(cuda::sum_kv_groups(p, heads_view(per_query_head), heads_view(out), kernel_dtype(out.scalar_type()),
+                                      Device::stream(out)),
+                  "banded_attn_backward (grouped KV heads)");
   }
 
   static void banded_matmul(BandedMatmulOp op, const BandedMatmulParams& p, const Tensor& heads) {

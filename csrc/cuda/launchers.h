@@ -27,6 +27,44 @@ struct GlobalKeys {
   const int64_t* count = nullptr;
 };
 
+// The global tokens of batch row b at positions [start, end) (one packed sequence, or the whole
+// row): entries [begin, end) of its index, found by binary search.
+struct GlobalRange {
+  int64_t begin, end;
+};
+LONGFORMER_HOST_DEVICE int64_t first_global_at(const GlobalKeys& g, int64_t b, int64_t n, int64_t position) {
+  const int64_t* index = g.index + b * n;
+  int64_t lo = 0, hi = g.count[b];
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (index[mid] < position) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+LONGFORMER_HOST_DEVICE GlobalRange global_range(const GlobalKeys& g, int64_t b, int64_t n, int64_t start,
+                                                int64_t end) {
+  if (start == 0 && end == n) return {0, g.count[b]};  // the whole row: no search
+  return {first_global_at(g, b, n, start), first_global_at(g, b, n, end)};
+}
+
+// Packed sequences' bounds as int64 on the device (`dst`, [count]) from cu_seqlens of either
+// integer width (`element_bytes` 4 or 8, elements `stride` apart) (token_roles.cu).
+int copy_cu_seqlens(const void* src, int element_bytes, int64_t stride, int64_t count, int64_t* dst, void* stream);
+
+// Grouped KV heads: out [B, H_kv, N, D] = per_query_head [B, H, N, D] summed over each group of
+// query heads in head order (kv_groups.cu).
+int sum_kv_groups(const AttentionParams& p, const RowMajorHeads& per_query_head, const RowMajorHeads& out,
+                  DType dtype, void* stream);
+
+// The sinks' gradient, after both backward launches: grad_sinks[h] = -sum over the rows of head h
+// with a key or a sink of exp(sink_h - lse) * delta, delta being the rows' term in the workspace
+// (banded_attention_backward.cu).
+int sinks_backward(const AttentionParams& p, const void* workspace, DType dtype, void* stream);
+
 // Contract shared by the attention launchers (semantics: docs/design.md §2, csrc/include/longformer/schemas.h):
 // * forward: `out` arrives zero-filled and `lse` filled with -inf; the kernel writes the rows it
 //   computes (local rows for banded, global rows for global).

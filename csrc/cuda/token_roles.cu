@@ -7,7 +7,8 @@
 // Masks are read as raw integers of any width (nonzero = set), through their strides, so no mask
 // is converted or copied first. One block per batch row walks its N tokens in order, 256 at a time:
 // a ballot per warp and the warps' totals in shared memory give each global token its slot, so the
-// result does not depend on thread timing.
+// result does not depend on thread timing. Packed sequences' bounds (cu_seqlens, int32 or int64) are
+// copied to int64 here too.
 #include <cstdint>
 
 #include "device.h"
@@ -49,7 +50,20 @@ __global__ void token_roles_kernel(const MaskView attention, const MaskView glob
   if (tid == 0) count[b] = before;
 }
 
+__global__ void copy_cu_seqlens_kernel(const void* src, int element_bytes, int64_t stride, int64_t count,
+                                       int64_t* dst) {
+  for (int64_t s = threadIdx.x; s < count; s += blockDim.x) {
+    dst[s] = element_bytes == 4 ? static_cast<const int32_t*>(src)[s * stride] : static_cast<const int64_t*>(src)[s * stride];
+  }
+}
+
 }  // namespace
+
+int copy_cu_seqlens(const void* src, int element_bytes, int64_t stride, int64_t count, int64_t* dst, void* stream) {
+  if (count == 0) return 0;
+  return LONGFORMER_LAUNCH(copy_cu_seqlens_kernel, dim3(1), dim3(kThreads), 0, stream, src, element_bytes, stride,
+                           count, dst);
+}
 
 int prepare_token_roles(const MaskView& attention_mask, const MaskView& global_attention_mask, int64_t batch,
                         int64_t seqlen, uint8_t* roles, int64_t* global_index, int64_t* global_count, void* stream) {

@@ -13,6 +13,7 @@
 
 #include "device.h"
 #include "launchers.h"
+#include "longformer/score_modifiers.h"
 
 namespace longformer::cuda {
 
@@ -136,10 +137,12 @@ struct OnlineRow {
     o.zero();
   }
 
-  // Absorbs the keys key[c] >= 0 (rows of kh / vh with strides ks / vs) into the state of query q.
+  // Absorbs the keys key[c] >= 0 (rows of kh / vh with strides ks / vs) into the state of query q,
+  // at position `query`, its scores modified by `mods`.
   template <int G, typename T>
   __device__ __forceinline__ void absorb(const RowFrag<A, E, kFull>& q, const T* kh, int64_t ks, const T* vh,
-                                         int64_t vs, const int64_t (&key)[G], A scale, int D, int lane) {
+                                         int64_t vs, const int64_t (&key)[G], A scale, int D, int lane,
+                                         const ScoreModifiers<A>& mods, int64_t query) {
     RowFrag<A, E, kFull> k[G];
     A s[G];
 LONGFORMER_UNROLL
@@ -150,7 +153,7 @@ LONGFORMER_UNROLL
     A mx = m;
 LONGFORMER_UNROLL
     for (int c = 0; c < G; ++c) {
-      s[c] = key[c] >= 0 ? s[c] * scale : neg_inf<A>();
+      s[c] = key[c] < 0 ? neg_inf<A>() : mods.any() ? mods.apply(s[c] * scale, query, key[c]) : s[c] * scale;
       mx = max_of(mx, s[c]);
     }
     if (mx == neg_inf<A>()) return;  // no key so far: nothing to rescale (and exp(-inf - -inf) is NaN)
@@ -169,29 +172,53 @@ LONGFORMER_UNROLL
       }
     }
   }
+
+  // Adds a sink's logit (a zero value) to the denominator; -inf: none. A row without keys then has
+  // l = 1, o = 0 and lse = sink.
+  __device__ __forceinline__ void finish(A sink) {
+    if (sink == neg_inf<A>()) return;
+    const A top = max_of(m, sink);
+    const A correction = acc_exp(m - top);  // 0 when there was no key (m = -inf)
+    l = l * correction + acc_exp(sink - top);
+    o.scale(correction);
+    m = top;
+  }
+  __device__ __forceinline__ A lse() const { return m + acc_log(l); }
 };
 
 // ---- softmax backward of row groups (recomputing p from the saved lse) ---------------------------
 
-// Pointers of one (b, h).
+// Pointers of one (b, h), all indexed by position: the query-side ones (q, dout) through
+// params.h's query_offset, the key-side ones (k, v) in the query head's KV head.
 template <typename T>
 struct Head {
   const T *q, *k, *v, *dout;
   int64_t qs, ks, vs, ds;
   __device__ Head(const AttentionParams& p, int64_t b, int64_t h)
-      : q(static_cast<const T*>(p.q.data) + p.q.offset(b, h, 0)),
-        k(static_cast<const T*>(p.k.data) + p.k.offset(b, h, 0)),
-        v(static_cast<const T*>(p.v.data) + p.v.offset(b, h, 0)),
-        dout(static_cast<const T*>(p.grad_out.data) + p.grad_out.offset(b, h, 0)),
+      : q(static_cast<const T*>(p.q.data) + p.query_offset(p.q, b, h, 0)),
+        k(static_cast<const T*>(p.k.data) + p.k.offset(b, p.kv_head(h), 0)),
+        v(static_cast<const T*>(p.v.data) + p.v.offset(b, p.kv_head(h), 0)),
+        dout(static_cast<const T*>(p.grad_out.data) + p.query_offset(p.grad_out, b, h, 0)),
         qs(p.q.stride_n), ks(p.k.stride_n), vs(p.v.stride_n), ds(p.grad_out.stride_n) {}
 };
 
-// Softmax backward of one query row against G keys (key[c] < 0: absent), p = exp(scale*s - lse):
-// dq += sum_c p (dP - delta) k_c (the caller multiplies by scale at the end).
+// p_c = exp(modified score - lse) and the softcap's derivative of the score (1 without one).
+template <typename A>
+__device__ __forceinline__ A probability(A dot, A scale, A lse, const ScoreModifiers<A>& mods, int64_t query,
+                                         int64_t key, A& dcap) {
+  dcap = A(1);
+  const A s = mods.any() ? mods.apply(dot * scale, query, key, &dcap) : dot * scale;
+  return acc_exp(s - lse);
+}
+
+// Softmax backward of the query row at position `query` against G keys (key[c] < 0: absent),
+// p = exp(modified scale*s - lse): dq += sum_c p (dP - delta) dcap k_c (the caller multiplies by
+// scale at the end).
 template <int G, typename T, typename A, int E, bool kFull>
 __device__ __forceinline__ void dq_keys(RowFrag<A, E, kFull>& dq, const RowFrag<A, E, kFull>& q,
                                         const RowFrag<A, E, kFull>& dout, A lse, A delta, const Head<T>& hd,
-                                        const int64_t (&key)[G], A scale, int D, int lane) {
+                                        const int64_t (&key)[G], A scale, int D, int lane,
+                                        const ScoreModifiers<A>& mods, int64_t query) {
   RowFrag<A, E, kFull> k[G], v[G];
   A s[2 * G];
 LONGFORMER_UNROLL
@@ -208,19 +235,22 @@ LONGFORMER_UNROLL
 LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     if (key[c] >= 0) {
-      const A pc = acc_exp(s[c] * scale - lse);
-      dq.axpy(pc * (s[G + c] - delta), k[c]);
+      A dcap;
+      const A pc = probability(s[c], scale, lse, mods, query, key[c], dcap);
+      dq.axpy(pc * (s[G + c] - delta) * dcap, k[c]);
     }
   }
 }
 
-// The same from the key side: one key row (k, v) against G query rows (query[c] < 0: absent):
-// dk += sum_c p (dP - delta_c) q_c (times scale at the end), dv += sum_c p dO_c.
+// The same from the key side: the key row (k, v) at position `key` against G query rows at
+// positions query[c] (< 0: absent; lse, delta indexed by position):
+// dk += sum_c p (dP - delta_c) dcap q_c (times scale at the end), dv += sum_c p dO_c.
 template <int G, typename T, typename A, int E, bool kFull>
 __device__ __forceinline__ void dkdv_queries(RowFrag<A, E, kFull>& dk, RowFrag<A, E, kFull>& dv,
                                              const RowFrag<A, E, kFull>& k, const RowFrag<A, E, kFull>& v,
                                              const Head<T>& hd, const A* lse, const A* delta,
-                                             const int64_t (&query)[G], A scale, int D, int lane) {
+                                             const int64_t (&query)[G], A scale, int D, int lane,
+                                             const ScoreModifiers<A>& mods, int64_t key) {
   RowFrag<A, E, kFull> q[G], dout[G];
   A s[2 * G];
 LONGFORMER_UNROLL
@@ -237,9 +267,10 @@ LONGFORMER_UNROLL
 LONGFORMER_UNROLL
   for (int c = 0; c < G; ++c) {
     if (query[c] >= 0) {
-      const A pc = acc_exp(s[c] * scale - lse[query[c]]);
+      A dcap;
+      const A pc = probability(s[c], scale, lse[query[c]], mods, query[c], key, dcap);
       dv.axpy(pc, dout[c]);
-      dk.axpy(pc * (s[G + c] - delta[query[c]]), q[c]);
+      dk.axpy(pc * (s[G + c] - delta[query[c]]) * dcap, q[c]);
     }
   }
 }

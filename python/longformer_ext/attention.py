@@ -66,10 +66,6 @@ def longformer_attention(
         raise NotImplementedError(
             f"longformer_ext has no kernels for {q.device.type} tensors in this build "
             f"(CPU kernels always; CUDA kernels only in a build against a CUDA torch with nvcc)")
-    general = _general_features(args, q, k, return_lse)
-    if general and q.device.type != "cpu":
-        raise NotImplementedError(f"longformer_ext: {general} runs on the CPU kernels only so far; the "
-                                  f"{q.device.type} kernels take the arguments of docs/design.md §2")
     if not args.has_global_projections:
         global_q = global_k = global_v = None
     accumulation = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -81,12 +77,3 @@ def longformer_attention(
         sinks=None if sinks is None else sinks.to(accumulation).contiguous())
     return (out, lse) if return_lse else out
 
-
-def _general_features(args, q: Tensor, k: Tensor, return_lse: bool) -> str:
-    """The §2.2 arguments in use, named (empty when the call is plain Longformer attention)."""
-    used = [name for name, on in (
-        ("grouped KV heads", k.shape[1] != q.shape[1]), ("Nq < Nk", k.shape[2] != q.shape[2]),
-        ("cu_seqlens", args.cu_seqlens is not None), ("softcap", args.softcap is not None),
-        ("alibi_slopes", args.alibi_slopes is not None), ("sinks", args.sinks is not None),
-        ("return_lse", return_lse)) if on]
-    return ", ".join(used)

@@ -7,9 +7,6 @@
 //   struct DeviceScope { explicit DeviceScope(const Tensor& q); };  held for the call
 //   static void check_supported(const Tensor& q, bool attention);  dtypes (and, for the
 //                                              attention ops, head dims)
-//   static constexpr bool kGeneralOp;   its kernels take the general op's arguments (docs/design.md
-//                                       §2.2: grouped KV heads, Nq < Nk, cu_seqlens, score modifiers,
-//                                       sinks, the lse's gradient); where false the glue rejects them
 //   struct Tokens;  static Tokens prepare_tokens(const Tensor& q, const MaskView& attention,
 //                                                const MaskView& global,
 //                                                const std::optional<Tensor>& cu_seqlens,
@@ -21,7 +18,7 @@
 //   static int64_t backward_workspace_bytes(const AttentionCall&);
 //   static void backward(const AttentionCall&, const Tokens&);
 //   static void sum_kv_groups(const AttentionParams&, const Tensor& per_query_head, const Tensor& out);
-//                  (kGeneralOp only) grouped KV heads: out [B, H_kv, N, D] = the sum over each group of query heads
+//                  grouped KV heads: out [B, H_kv, N, D] = the sum over each group of query heads
 //                  of per_query_head [B, H, N, D], in a fixed order
 //   static void banded_matmul(BandedMatmulOp, const BandedMatmulParams&, const Tensor& heads);
 //
@@ -74,7 +71,7 @@ struct Glue {
     std::optional<Tokens> tokens;  // none for empty inputs
   };
 
-  // Checks of the general arguments; a backend without them (kGeneralOp false) rejects each by name.
+  // Checks of the general arguments (docs/design.md §2.2).
   static void check_general(const Tensor& q, const Tensor& k, const GeneralArgs& g) {
     const int64_t nq = q.size(2), nk = k.size(2);
     LONGFORMER_CHECK(g.q_offset == -1 || (g.q_offset >= 0 && g.q_offset <= nk - nq),
@@ -97,17 +94,6 @@ struct Glue {
       LONGFORMER_CHECK(nq == nk, "longformer: cu_seqlens needs Nq == Nk, but q has Nq = ", nq, " and k Nk = ", nk);
       LONGFORMER_CHECK(g.q_offset <= 0, "longformer: cu_seqlens and q_offset = ", g.q_offset,
                        " cannot be combined");
-    }
-    if constexpr (!Backend::kGeneralOp) {
-      const char* unsupported = k.size(1) != q.size(1) ? "grouped KV heads (H_kv < H)"
-                                : nk != nq             ? "queries inside a longer key sequence (Nq < Nk)"
-                                : g.cu_seqlens         ? "cu_seqlens"
-                                : g.softcap != 0.0     ? "softcap"
-                                : g.alibi_slopes       ? "alibi_slopes"
-                                : g.sinks              ? "sinks"
-                                                       : nullptr;
-      LONGFORMER_CHECK(unsupported == nullptr, "longformer: these kernels do not implement ", unsupported,
-                       " yet (the CPU kernels do)");
     }
   }
 
@@ -217,8 +203,6 @@ struct Glue {
     const bool projections = check_global_projections(global_q, global_k, global_v, q, k);
     check_heads_tensor(grad_out, "grad_out", q);
     check_heads_tensor(out, "out", q);
-    LONGFORMER_CHECK(Backend::kGeneralOp || !grad_lse, "longformer: these kernels do not implement a gradient of ",
-                     "lse yet (the CPU kernels do)");
     const int64_t H = q.size(1);
     Tensor dq = zeros_heads(q), dk = zeros_heads(k), dv = zeros_heads(k);
     auto projection_grad = [&](const Tensor& like) {
@@ -258,14 +242,12 @@ struct Glue {
     c.accumulate_global = !projections;  // same tensors: the global rows' dK, dV add to the local rows'
     const std::optional<Tensor> scratch = workspace(c, q, Backend::backward_workspace_bytes(c));
     Backend::backward(c, *prep.tokens);
-    if constexpr (Backend::kGeneralOp) {
-      if (p.grad_kv_per_query_head) {
-        Backend::sum_kv_groups(p, dk_h, dk);
-        Backend::sum_kv_groups(p, dv_h, dv);
-        if (projections) {
-          Backend::sum_kv_groups(p, *dgk_h, dgk);
-          Backend::sum_kv_groups(p, *dgv_h, dgv);
-        }
+    if (p.grad_kv_per_query_head) {
+      Backend::sum_kv_groups(p, dk_h, dk);
+      Backend::sum_kv_groups(p, dv_h, dv);
+      if (projections) {
+        Backend::sum_kv_groups(p, *dgk_h, dgk);
+        Backend::sum_kv_groups(p, *dgv_h, dgv);
       }
     }
     return {dq, dk, dv, dgq, dgk, dgv, dsinks};

@@ -113,6 +113,30 @@ struct AttentionParams {
     return lse_offset(b, h, position - q_offset);
   }
   LONGFORMER_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / (heads / heads_kv); }
+  LONGFORMER_HOST_DEVICE bool is_query(int64_t position) const {
+    return position >= q_offset && position < q_offset + queries;
+  }
+  // The key sequence holding `position`: [0, seqlen), or with packed sequences the one of
+  // cu_seqlens around it (a binary search; empty sequences hold no position).
+  struct Span {
+    int64_t start, end;
+  };
+  LONGFORMER_HOST_DEVICE Span sequence_of(int64_t position) const {
+    if (cu_seqlens == nullptr) return {0, seqlen};
+    int64_t lo = 0, hi = segments;  // cu_seqlens[lo] <= position < cu_seqlens[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      (cu_seqlens[mid] <= position ? lo : hi) = mid;
+    }
+    return {cu_seqlens[lo], cu_seqlens[hi]};
+  }
+  // Plain Longformer attention (docs/design.md §2): none of the general op's arguments in use (the
+  // lse's gradient aside, which only changes the backward's row terms). The tiled CUDA kernels
+  // take only these calls.
+  LONGFORMER_HOST_DEVICE bool is_longformer_only() const {
+    return heads_kv == heads && queries == seqlen && cu_seqlens == nullptr && softcap == 0.0 &&
+           alibi_slopes == nullptr && sinks == nullptr;
+  }
   // The head index of grad_k, grad_v (and the global projections' gradients) for query head h.
   LONGFORMER_HOST_DEVICE int64_t grad_kv_head(int64_t h) const {
     return grad_kv_per_query_head ? h : kv_head(h);

@@ -1,0 +1,44 @@
+// Grouped KV heads in the backward: the attention kernels write dK, dV one slice per query head
+// (params.h: grad_kv_per_query_head); this sums each group of query heads into its KV head,
+// out[b, g, n] = sum over h in [g * group, (g + 1) * group) of per_query_head[b, h, n], in head order
+// and in the accumulation dtype, rounded once: deterministic. One thread per output element.
+#include "device.h"
+#include "launchers.h"
+#include "warp_math.h"
+
+namespace longformer::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
+    sum_kv_groups_kernel(const AttentionParams p, const RowMajorHeads per_query_head, const RowMajorHeads out) {
+  using A = acc_t<T>;
+  const int64_t D = p.head_dim, N = p.seqlen, group = p.heads / p.heads_kv;
+  const int64_t total = p.batch * p.heads_kv * N * D;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t d = e % D, n = (e / D) % N, g = (e / (D * N)) % p.heads_kv, b = e / (D * N * p.heads_kv);
+    A sum = A(0);
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      sum += load_acc<A>(static_cast<const T*>(per_query_head.data) + per_query_head.offset(b, h, n) + d);
+    }
+    static_cast<T*>(out.data)[out.offset(b, g, n) + d] = from_acc<T>(sum);
+  }
+}
+
+}  // namespace
+
+int sum_kv_groups(const AttentionParams& p, const RowMajorHeads& per_query_head, const RowMajorHeads& out, DType dtype,
+                  void* stream) {
+  const int64_t total = p.batch * p.heads_kv * p.seqlen * p.head_dim;
+  if (total == 0) return 0;
+  return dispatch_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return LONGFORMER_LAUNCH(sum_kv_groups_kernel<T>, dim3(grid_for(total, kThreads)), dim3(kThreads), 0, stream, p,
+                             per_query_head, out);
+  });
+}
+
+}  // namespace longformer::cuda
