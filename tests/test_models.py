@@ -14,7 +14,6 @@ from longformer_ext.models import (CharLM, CharLMConfig, LongformerEncoder, Long
                                    LongformerForQuestionAnswering, LongformerForSequenceClassification,
                                    LongformerForTokenClassification, growing_windows, question_global_mask,
                                    upper_layer_dilation)
-from longformer_ext.models import encoder as encoder_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,8 +130,9 @@ def ids(batch, n, seed=0, low=3):
 
 def test_encoder_config_per_layer():
     model = LongformerEncoder(encoder_config())
-    assert [layer.attention.window for layer in model.layers] == [3, 5]
-    assert [layer.attention.dilation for layer in model.layers] == [1, [1, 1, 2, 2]]
+    # the layers' nn.LongformerSelfAttention keeps them normalised: (left, right), one dilation per head
+    assert [layer.attention.window for layer in model.layers] == [(3, 3), (5, 5)]
+    assert [layer.attention.dilation for layer in model.layers] == [[1, 1, 1, 1], [1, 1, 2, 2]]
     names = {n.split(".")[-2] for n, _ in model.layers[0].attention.named_parameters()}
     assert names == {"query", "key", "value", "query_global", "key_global", "value_global"}
     with pytest.raises(ValueError):
@@ -176,15 +176,16 @@ def test_question_global_mask():
 
 
 def record_global_masks(monkeypatch):
-    """Captures the global_attention_mask every layer passes to longformer_attention."""
+    """Captures the global_attention_mask every layer passes to longformer_attention (through its
+    nn.LongformerSelfAttention)."""
     seen = []
-    real = encoder_module.longformer_attention
+    real = longformer_ext.nn.longformer_attention
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("global_attention_mask"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(encoder_module, "longformer_attention", spy)
+    monkeypatch.setattr(longformer_ext.nn, "longformer_attention", spy)
     return seen
 
 

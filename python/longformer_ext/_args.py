@@ -1,5 +1,6 @@
-"""Validation and normalisation of the public attention arguments, shared by the fused function
-and the reference implementations so that all of them accept and reject the same inputs."""
+"""Validation and normalisation of the public attention arguments, and the token roles the masks give,
+shared by the fused function, the reference implementations and the ``nn`` modules so that all of
+them accept and reject the same inputs and read the masks alike."""
 
 import math
 from dataclasses import dataclass
@@ -88,20 +89,22 @@ def _check_heads(name: str, t, like: Optional[Tensor], shape: Optional[tuple] = 
                          "call .contiguous() or project into a [B, N, H*D] tensor and view it")
 
 
-def _check_mask(name: str, mask: Optional[Tensor], q: Tensor, n: Optional[int] = None) -> None:
-    """A [B, N] bool/integer mask (N = the key count `n`, default q's N) on q's device."""
+def check_role_mask(name: str, mask, batch: int, n: int, device: torch.device, owner: str) -> None:
+    """A [B, N] = [batch, n] bool/integer mask of token roles (nonzero = set), or None, on `device`, the
+    device of the tensor named `owner` in the message. Wrong types raise TypeError, wrong shapes and
+    devices ValueError."""
     if mask is None:
         return
-    n = q.shape[2] if n is None else n
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name} must be bool or integer (nonzero = set), got {mask.dtype}; additive float masks "
-                        "(e.g. Hugging Face's -10000/+10000) are rejected so they cannot be misread")
-    if tuple(mask.shape) != (q.shape[0], n):
-        raise ValueError(f"{name} must be [B, N] = [{q.shape[0]}, {n}], got {tuple(mask.shape)}")
-    if mask.device != q.device:
-        raise ValueError(f"{name} is on {mask.device} but q is on {q.device}")
+                        "(e.g. Hugging Face's -10000/0/+10000) are rejected so they cannot be misread (for Hugging "
+                        "Face models use longformer_ext.integrations.transformers.patch)")
+    if tuple(mask.shape) != (batch, n):
+        raise ValueError(f"{name} must be [B, N] = [{batch}, {n}], got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but {owner} is on {device}")
 
 
 def _check_per_head(name: str, t, q: Tensor) -> Optional[Tensor]:
@@ -175,8 +178,8 @@ def check_general_attention_args(q, k, v, window, dilation, attention_mask, glob
         _check_heads("global_q", global_q, q)
         _check_heads("global_k", global_k, q, tuple(k.shape))
         _check_heads("global_v", global_v, q, tuple(k.shape))
-    _check_mask("attention_mask", attention_mask, q, nk)
-    _check_mask("global_attention_mask", global_attention_mask, q, nk)
+    check_role_mask("attention_mask", attention_mask, b, nk, q.device, "q")
+    check_role_mask("global_attention_mask", global_attention_mask, b, nk, q.device, "q")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     left, right = window_pair(window)

@@ -17,6 +17,7 @@ head's probabilities by ``m_h`` is the same as scaling that head's output by ``m
 same gradient with respect to ``head_mask``); the fused path does the latter.
 """
 
+import contextlib
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._args import Dilation, Window, per_head_dilation, window_pair
+from ._args import Dilation, Window, check_role_mask, per_head_dilation, token_roles, window_pair
+from ._softmax import masked_softmax
 from .attention import longformer_attention
 
 __all__ = ["LongformerAttentionProbs", "LongformerSelfAttention"]
@@ -50,28 +52,14 @@ class LongformerAttentionProbs(NamedTuple):
     global_index: Tensor
 
 
-def _check_role_mask(name: str, mask, batch: int, seqlen: int, device) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
-    if mask.is_floating_point() or mask.is_complex():
-        raise ValueError(
-            f"{name} must be a bool or integer [B, N] tensor (nonzero = set), got {mask.dtype}. Additive float "
-            "masks (Hugging Face's internal -10000/0/+10000 form) are rejected so they cannot be misread; "
-            "use longformer_ext.integrations.transformers.patch for Hugging Face models")
-    if tuple(mask.shape) != (batch, seqlen):
-        raise ValueError(f"{name} must be [B, N] = [{batch}, {seqlen}], got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but hidden_states is on {device}")
-
-
-def _masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
-    """Softmax over the allowed entries of the last dimension; rows with none allowed are all 0
-    (their scores are replaced by 0 first so that neither the forward nor the backward sees NaN)."""
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    scores = scores.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-    return torch.softmax(scores, dim=-1).masked_fill(~allowed, 0.0)
+@contextlib.contextmanager
+def _as_value_errors():
+    """The modules raise ValueError for every bad argument; the shared checks of ``_args`` raise
+    TypeError for an argument of the wrong type (as ``longformer_attention`` does)."""
+    try:
+        yield
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class LongformerSelfAttention(nn.Module):
@@ -159,14 +147,10 @@ class LongformerSelfAttention(nn.Module):
                                  f"got {attention_window!r}; for our one-sided window use `window=`")
             left = right = attention_window // 2
         else:
-            try:
+            with _as_value_errors():
                 left, right = window_pair(window)
-            except TypeError as exc:
-                raise ValueError(str(exc)) from None
-        try:
+        with _as_value_errors():
             dilations = per_head_dilation(dilation, num_heads)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
         if not isinstance(causal, bool):
             raise ValueError(f"causal must be a bool, got {causal!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -197,8 +181,10 @@ class LongformerSelfAttention(nn.Module):
             raise ValueError(f"hidden_states must be [B, N, {self.embed_dim}], got "
                              f"{tuple(hidden_states.shape) if isinstance(hidden_states, Tensor) else hidden_states!r}")
         b, n, c = hidden_states.shape
-        _check_role_mask("attention_mask", attention_mask, b, n, hidden_states.device)
-        _check_role_mask("global_attention_mask", global_attention_mask, b, n, hidden_states.device)
+        with _as_value_errors():
+            check_role_mask("attention_mask", attention_mask, b, n, hidden_states.device, "hidden_states")
+            check_role_mask("global_attention_mask", global_attention_mask, b, n, hidden_states.device,
+                            "hidden_states")
         if head_mask is not None:
             if not isinstance(head_mask, Tensor) or tuple(head_mask.shape) != (self.num_heads,):
                 raise ValueError(f"head_mask must be a [H] = [{self.num_heads}] tensor, got "
@@ -237,12 +223,10 @@ class LongformerSelfAttention(nn.Module):
         device = x.device
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
-        real = torch.ones(b, n, dtype=torch.bool, device=device) if attention_mask is None else attention_mask != 0
-        glob = (torch.zeros_like(real) if global_attention_mask is None else (global_attention_mask != 0) & real)
+        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
+        real, glob = token_roles(q, attention_mask, global_attention_mask)
         local_key = real & ~glob
         local_row = local_key  # a real, non-global query
-
-        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
 
         # Band scores and which band slots hold an allowed key (in the sequence, real, not global).
         band = ops.banded_matmul_qk(q, k, left, right, self.dilation)
@@ -269,7 +253,7 @@ class LongformerSelfAttention(nn.Module):
 
         scores = torch.cat([glob_scores, band], dim=-1).to(acc) * scale
         allowed = torch.cat([glob_ok.expand(b, h, n, g), band_ok.expand(b, h, n, slots)], dim=-1)
-        probs = _masked_softmax(scores, allowed) * local_row[:, None, :, None]
+        probs = masked_softmax(scores, allowed) * local_row[:, None, :, None]
         probs = self._head_mask_and_dropout(probs, head_mask).to(x.dtype)
         p_glob, p_band = probs.split([g, slots], dim=-1)
         out = ops.banded_matmul_pv(p_band.contiguous(), v, left, right, self.dilation) + p_glob @ v_glob
@@ -284,7 +268,7 @@ class LongformerSelfAttention(nn.Module):
             rows_ok = real[:, None, None, :] & valid[:, None, :, None]
             if self.causal:
                 rows_ok = rows_ok & (pos[None, None, None, :] <= index[:, None, :, None])
-            row_probs = _masked_softmax((qg @ kg.transpose(-1, -2)).to(acc) * scale, rows_ok)
+            row_probs = masked_softmax((qg @ kg.transpose(-1, -2)).to(acc) * scale, rows_ok)
             global_rows = self._head_mask_and_dropout(row_probs, head_mask).to(x.dtype)
             global_out = (global_rows @ vg) * valid[:, None, :, None]
             # Unused slots point at some non-global position but add exactly 0 there.

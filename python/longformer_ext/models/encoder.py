@@ -3,8 +3,9 @@
 The structure follows RoBERTa as Longformer does: learned absolute position embeddings, post-norm
 layers, and in every layer two sets of projections: local ``query/key/value`` for the sliding-window
 rows and ``query_global/key_global/value_global`` for the rows of global tokens (the paper's separate
-global projections; the names match Hugging Face's so weights can be mapped by name). Each layer has
-its own one-sided window and dilation (an int, or one value per head).
+global projections; the names match Hugging Face's so weights can be mapped by name): each layer's
+self-attention is ``longformer_ext.nn.LongformerSelfAttention``. Each layer has its own one-sided
+window and dilation (an int, or one value per head).
 
 Task heads put global attention where the paper does:
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import longformer_attention
+from ..nn import LongformerSelfAttention
 
 __all__ = [
     "LongformerEncoderConfig", "LongformerEncoder", "LongformerForSequenceClassification",
@@ -86,39 +87,13 @@ class Embeddings(nn.Module):
         return self.drop(self.norm(self.word(input_ids) + self.position(positions)))
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, config: LongformerEncoderConfig, layer: int):
-        super().__init__()
-        c = config.hidden_size
-        self.heads, self.head_dim = config.heads, c // config.heads
-        self.window = config.window[layer]
-        self.dilation = config.dilation[layer]
-        self.query, self.key, self.value = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-        self.query_global, self.key_global, self.value_global = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
-
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # a view: the op takes the strides
-
-    def forward(self, x: Tensor, attention_mask: Tensor, global_attention_mask: Optional[Tensor]) -> Tensor:
-        b, n, c = x.shape
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        extra = {}
-        if global_attention_mask is not None:
-            # Full [B, N] projections although the op reads only the global rows (and all keys for
-            # them): gathering the global rows first would branch on data and break torch.compile.
-            extra = dict(global_q=self._heads(self.query_global(x)), global_k=self._heads(self.key_global(x)),
-                         global_v=self._heads(self.value_global(x)))
-        y = longformer_attention(q, k, v, self.window, dilation=self.dilation, attention_mask=attention_mask,
-                                 global_attention_mask=global_attention_mask, **extra)
-        return y.transpose(1, 2).reshape(b, n, c)
-
-
 class Layer(nn.Module):
     def __init__(self, config: LongformerEncoderConfig, layer: int):
         super().__init__()
         c, eps = config.hidden_size, config.layer_norm_eps
-        self.attention = SelfAttention(config, layer)
+        # Without attention dropout (the module's default) it always runs the fused op.
+        self.attention = LongformerSelfAttention(c, config.heads, window=config.window[layer],
+                                                 dilation=config.dilation[layer])
         self.attention_output = nn.Linear(c, c)
         self.attention_norm = nn.LayerNorm(c, eps=eps)
         self.intermediate = nn.Linear(c, config.intermediate_size)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._args import check_attention_args, token_roles
+from .._softmax import masked_softmax
 
 
 def _skew(prod, w):
@@ -60,13 +61,6 @@ def _banded_pv(probs, v, w):
     return (dense @ windows.transpose(-1, -2)).reshape(m, n, v.shape[-1])
 
 
-def _masked_softmax(scores, allowed):
-    """Softmax over allowed entries, exact zeros elsewhere; rows without any key give all zeros."""
-    has_key = allowed.any(-1, keepdim=True)
-    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
-    return torch.softmax(scores, dim=-1) * allowed
-
-
 def _take_rows(t, index):
     """t [B, H, N, D], index [B, x] -> t[b, :, index[b, s]] as [B, H, x, D]."""
     b, h, _, d = t.shape
@@ -109,14 +103,14 @@ def chunked_attention(q, k, v, window, *, dilation=1, attention_mask=None, globa
     global_scores = qp.view(b, h, padded_n, dim) @ _take_rows(k, slot).transpose(-1, -2)  # local q, k
     scores = torch.cat([global_scores, band_scores], -1) * args.scale  # [B, H, n', x + 2w + 1]
     allowed = torch.cat([slot_used[:, None, None, :].expand(b, 1, padded_n, x), band_allowed[:, None]], -1)
-    probs = _masked_softmax(scores, allowed)  # one softmax over [globals | band]: each key counted once
+    probs = masked_softmax(scores, allowed)  # one softmax over [globals | band]: each key counted once
     band_out = _banded_pv(probs[..., x:].reshape(b * h, padded_n, 2 * w + 1), vp, w)
     local_out = (probs[..., :x] @ _take_rows(v, slot) + band_out.view(b, h, padded_n, dim))[:, :, :n]
 
     # Global rows: dense, with the global projections, over every real key; then written over the
     # local result at the global positions (the filler slots land on non-global rows, ignored below).
-    global_probs = _masked_softmax(_take_rows(gq, slot) @ gk.transpose(-1, -2) * args.scale,
-                                   real[:, None, None, :].expand(b, 1, x, n))
+    global_probs = masked_softmax(_take_rows(gq, slot) @ gk.transpose(-1, -2) * args.scale,
+                                  real[:, None, None, :].expand(b, 1, x, n))
     global_out = torch.zeros_like(q).scatter(2, slot[:, None, :, None].expand(b, h, x, dim), global_probs @ gv)
 
     local_row = (real & ~glob)[:, None, :, None]

@@ -8,6 +8,7 @@ takes the §2 ones."""
 import torch
 
 from .._args import check_general_attention_args, cu_seqlens_bounds, token_roles
+from .._softmax import masked_logsumexp, masked_softmax
 
 
 def allowed_pairs(q, window_left, window_right, dilation, real, glob, causal, *, q_positions=None, sequence=None):
@@ -40,18 +41,11 @@ def _masked_attention(q, k, v, allowed, scale, softcap, bias, sinks):
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
-    has_key = allowed.any(-1, keepdim=True)
-    # Rows without keys get finite dummy scores and are zeroed afterwards, so no NaN reaches grads.
-    scores = torch.where(allowed, scores, float("-inf"))
-    if sinks is None:
-        scores = torch.where(has_key, scores, 0.0)
-        lse = torch.where(has_key[..., 0], torch.logsumexp(scores, dim=-1), float("-inf"))
-        probs = torch.softmax(scores, dim=-1) * allowed
-    else:  # the sink is one more logit in every row's denominator, with a zero value
-        sink = sinks.double()[None, :, None, None].expand(*scores.shape[:-1], 1)
-        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
-        probs = torch.exp(scores - lse[..., None]) * allowed
-    return probs @ v, lse
+    if sinks is not None:  # the sink is one more logit in every row's softmax, always allowed, with a zero value
+        scores = torch.cat([scores, sinks.double()[None, :, None, None].expand(*scores.shape[:-1], 1)], dim=-1)
+        allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1])], dim=-1)
+    probs = masked_softmax(scores, allowed)[..., :k.shape[2]]  # without the sink's column
+    return probs @ v, masked_logsumexp(scores, allowed)
 
 
 def dense_attention(q, k, v, window, *, dilation=1, attention_mask=None, global_attention_mask=None,
