@@ -145,10 +145,11 @@ FLOAT_TILE_SHUFFLES = {
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
-# SIMT kernels: one block of 4-8 warps per SM needs no more than these; the general op's arguments
-# (score modifiers, packed sequences' bounds) took the largest, the global keys' dK/dV partials of
-# float16/bfloat16 at D <= 256 (8 values per lane in six rows), to 130 on sm_80.
-SIMT_REGISTERS = 136
+# SIMT kernels. The general op's arguments (score modifiers, packed sequences' bounds) took the
+# largest, the global keys' dK/dV partials at 128 < D <= 256 (8 values per lane in six rows, blocks
+# of 8 warps), from 128 or fewer to 130 (sm_80) and 138 (sm_90): one such block per SM instead of
+# two, on a path the tensor-core kernels leave only to head dims above 128 and to general calls.
+SIMT_REGISTERS = 144
 SIMT_FLOAT64_REGISTERS = 240
 
 
