@@ -16,28 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import Case, assert_close_to_oracle, make_inputs
+from conftest import Case, assert_close_to_oracle, load_emulation_or_skip, make_inputs
 from cuda_cases import HALF_TYPES, random_small_case, same_dtype_reference, small_cases
 from longformer_ext import longformer_attention
 from longformer_ext.reference import dense_attention
-from longformer_ext.testing import cuda_emulation, load_emulated_library
+from longformer_ext.testing import cuda_emulation
 
 COUNT = int(os.environ.get("LONGFORMER_EMULATION_COUNT", "40"))
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LONGFORMER_SEED", "0"))
 
 
-def _load():
-    try:
-        load_emulated_library()
-    except RuntimeError as exc:
-        if os.environ.get("LONGFORMER_REQUIRE_EMULATION") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-    return torch.ops.longformer_emulated
-
-
-emu = _load()
+load_emulation_or_skip()
+emu = torch.ops.longformer_emulated
 
 
 def emulated_attention(q, k, v, window, **kwargs):

@@ -15,10 +15,10 @@ import random
 import pytest
 import torch
 
-from conftest import SEED, TOLERANCE, assert_close_to_oracle
+from conftest import SEED, TOLERANCE, assert_close_to_oracle, load_emulation_or_skip
 from longformer_ext import longformer_attention
 from longformer_ext.reference import dense_attention
-from longformer_ext.testing import cuda_emulation, load_emulated_library
+from longformer_ext.testing import cuda_emulation
 
 SWEEP_COUNT = int(os.environ.get("LONGFORMER_GENERAL_SWEEP_COUNT", "80"))
 FEATURES = ("gqa", "q_offset", "cu_seqlens", "softcap", "alibi", "sinks", "lse")
@@ -118,12 +118,7 @@ EMULATED_CASES = [_draw_case(10_000 + i) for i in range(SWEEP_COUNT // 2)]
 
 @pytest.mark.parametrize("case", EMULATED_CASES, ids=_case_id)
 def test_emulated_cuda_general_op_matches_oracle(case):
-    try:
-        load_emulated_library()
-    except RuntimeError as exc:
-        if os.environ.get("LONGFORMER_REQUIRE_EMULATION") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+    load_emulation_or_skip()
     with cuda_emulation():  # forward and backward both on the emulated kernels
         _check_against_oracle(case)
 

@@ -17,6 +17,16 @@ def test_torch_from_the_target_on_is_accepted(version):
     _loader.check_compatible(_build(), version, None)
 
 
+def test_a_cpu_build_targets_torch_2_10():
+    """The default target of a CPU build (CMakeLists.txt): the first torch with the stable ABI."""
+    from longformer_ext import _build_info
+    if _build_info.CUDA_MAJOR is None:
+        assert _build_info.TORCH_TARGET == "2.10"
+        _loader.check_compatible(_build_info, "2.10.0+cu128", "12.8")
+    else:
+        assert _build_info.TORCH_TARGET == "2.13"
+
+
 @pytest.mark.parametrize("version", ["2.12.1+cpu", "2.9.0", "1.13.1"])
 def test_older_torch_is_refused(version):
     with pytest.raises(ImportError, match=r"needs torch >= 2\.13.*upgrade torch"):
