@@ -1,0 +1,102 @@
+"""longformer_ext.distributed on gloo: 2, 3 and 4 processes on this machine, each case checked
+against the single-process op on every rank (tests/distributed_cases.py); DTensor inputs,
+torch.compile(fullgraph=True) of a sharded layer, and broken programs that must fail rather than
+hang. One spawn per world size runs all its cases (process start-up dominates)."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed_cases as dc
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
+
+
+def _spawn(fn, world: int, *args) -> list:
+    """Runs fn(rank, world, rendezvous, *args, results) in `world` processes; their reports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(fn, args=(world, os.path.join(tmp, "rendezvous"), *args, tmp), nprocs=world, join=True)
+        reports = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                reports.append(json.load(f))
+        return reports
+
+
+_reports = {}
+
+
+def _case_reports(world: int) -> list:
+    if world not in _reports:
+        names = [name for name, case in dc.CASES.items() if case.world == world]
+        _reports[world] = [r["report"] for r in _spawn(dc.worker, world, names)]
+    return _reports[world]
+
+
+@pytest.mark.parametrize("name", list(dc.CASES))
+def test_sharded_equals_single_process(name):
+    case = dc.CASES[name]
+    reports = _case_reports(case.world)
+    bound = TOLERANCE[case.dtype]
+    rows = [r[name]["rows"] for r in reports]
+    assert sum(rows) == case.seqlen
+    for rank, report in enumerate(reports):
+        errors = {k: v for k, v in report[name].items() if k != "rows"}
+        expected = {"out", "grad_q", "grad_k", "grad_v"} | ({"lse"} if case.return_lse else set()) | (
+            {"grad_global_q", "grad_global_k", "grad_global_v"} if case.projections else set()) | (
+            {"grad_sinks"} if case.sinks else set())
+        assert set(errors) == expected, f"rank {rank} checked {sorted(errors)}"
+        for what, err in errors.items():
+            assert err <= bound, f"{name}, rank {rank} ({rows[rank]} rows): {what} differs by {err:.3e} > {bound}"
+
+
+def test_cases_cover_the_hard_layouts():
+    """The case list keeps the layouts that broke prototypes: empty shards, halos wider than a shard."""
+    from longformer_ext.distributed import shard_bounds
+
+    cases = dc.CASES.values()
+    assert {c.world for c in cases} == {2, 3, 4}
+    assert any(0 in [e - s for s, e in shard_bounds(c.seqlen, c.world, c.sizes)] for c in cases)
+    widest = [max(c.window if isinstance(c.window, int) else max(c.window), 0) *
+              (max(c.dilation) if isinstance(c.dilation, list) else c.dilation) for c in cases]
+    smallest = [min(e - s for s, e in shard_bounds(c.seqlen, c.world, c.sizes) if e > s) for c in cases]
+    assert any(w > s for w, s in zip(widest, smallest))
+
+
+def test_dtensor_in_dtensor_out():
+    for rank, report in enumerate(_spawn(dc.dtensor_worker, 3)):
+        assert report["sharded_on_sequence"], report
+        assert report["shape"] == [2, 2, 37, 8]
+        assert report["out"] <= 1e-12 and report["grads"] <= 1e-12, (rank, report)
+
+
+def test_compiled_fullgraph_layer():
+    for rank, report in enumerate(_spawn(dc.compile_worker, 2)):
+        assert report["out"] <= 1e-5 and report["grad_x"] <= 1e-5, (rank, report)
+
+
+def test_misuse_fails_instead_of_hanging():
+    reports = _spawn(dc.misuse_worker, 2)
+    for report in reports:
+        assert "ranks disagree" in report["mismatch"], report
+    assert reports[0]["skipped"] == "RuntimeError", reports[0]
+    assert reports[0]["seconds"] < 30, reports[0]
+
+
+def test_shard_bounds():
+    from longformer_ext.distributed import shard_bounds
+
+    assert shard_bounds(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert shard_bounds(5, 4) == [(0, 2), (2, 4), (4, 5), (5, 5)]  # torch.chunk: the last shard empty
+    assert [tuple(c.shape)[0] for c in torch.arange(5).chunk(4)] == [2, 2, 1]
+    assert shard_bounds(7, 3, [0, 7, 0]) == [(0, 0), (0, 7), (7, 7)]
+    with pytest.raises(ValueError, match="adding up to 7"):
+        shard_bounds(7, 3, [1, 2, 3])
