@@ -5,7 +5,10 @@ hang. One spawn per world size runs all its cases (process start-up dominates)."
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +103,30 @@ def test_shard_bounds():
     assert shard_bounds(7, 3, [0, 7, 0]) == [(0, 0), (0, 7), (7, 7)]
     with pytest.raises(ValueError, match="adding up to 7"):
         shard_bounds(7, 3, [1, 2, 3])
+
+
+def test_example_sharded_training_step():
+    """The README's torchrun command: a char-LM training step split over 2 processes equals the
+    one-process step (--check makes the example exit 1 otherwise)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "sharded_char_lm_step.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example),
+         "--check", "--tokens", "600", "--layers", "2", "--dim", "32", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sharded step equals the one-process step" in result.stdout
+
+
+def test_unsupported_arguments_are_refused_by_name():
+    """Refused before any collective, so no process group is needed to see the errors."""
+    from longformer_ext import distributed as lfd
+
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError, match="q_offset"):
+        lfd.longformer_attention(q, q, q, 2, q_offset=0)
+    with pytest.raises(NotImplementedError, match="cu_seqlens"):
+        lfd.longformer_attention(q, q, q, 2, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match="same shard"):
+        lfd.longformer_attention(q, torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), 2)
+    with pytest.raises(TypeError, match="plan must come from"):
+        lfd.longformer_attention(q, q, q, 2, plan=object())

@@ -87,10 +87,13 @@ _PAD, _REAL, _GLOBAL = 0, 1, 3  # role codes sent between ranks (a padding globa
 def plan(like: Tensor, attention_mask: Optional[Tensor] = None, global_attention_mask: Optional[Tensor] = None, *,
          group: Group = None) -> ShardPlan:
     """The layout of this batch, learnt from every rank's shard: ``like`` is this rank's ``q`` shard
-    ``[B, H, n, D]`` (or any ``[B, ..., n, ...]`` tensor with ``n`` in dimension 2), the masks are
-    this rank's ``[B, n]`` slices. Every rank of the group must call it (it runs two all-gathers).
-    Pass the result as ``plan=`` to every layer's call to skip this step there."""
-    return _build_plan(like.shape[0], like.shape[2], like.device, attention_mask, global_attention_mask, group, ())
+    ``[B, H, n, D]`` or any ``[B, n]`` tensor of it (token ids, a mask), the masks are this rank's
+    ``[B, n]`` slices. Every rank of the group must call it (it runs two all-gathers). Pass the
+    result as ``plan=`` to every layer's call to skip this step there."""
+    if like.dim() not in (2, 4):
+        raise ValueError(f"like must be a [B, H, n, D] or [B, n] shard, got shape {tuple(like.shape)}")
+    length = like.shape[2] if like.dim() == 4 else like.shape[1]
+    return _build_plan(like.shape[0], length, like.device, attention_mask, global_attention_mask, group, ())
 
 
 def _build_plan(batch: int, length: int, device: torch.device, attention_mask: Optional[Tensor],

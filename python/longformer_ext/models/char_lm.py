@@ -20,7 +20,7 @@ The window and dilation are not parameters: ``set_windows`` changes them between
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch import Tensor, nn
 
 from ..attention import longformer_attention
 from ..cache import WindowKVCache
+
+if TYPE_CHECKING:
+    from ..distributed import ShardPlan
 
 __all__ = ["CharLMConfig", "CharLM", "growing_windows", "upper_layer_dilation", "encode_bytes", "decode_bytes"]
 
@@ -130,11 +133,17 @@ class CausalWindowAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.out = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None, shard: Optional["ShardPlan"] = None) -> Tensor:
         b, n, c = x.shape
         # [B, N, 3, H, D] -> three [B, H, N, D] views (head split without a copy; v goes in as a view)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if cache is None:
+        if shard is not None:
+            # x is this rank's shard of the sequence: its positions start at shard.start
+            from .. import distributed
+            q, k = self.rotary(q, shard.start), self.rotary(k, shard.start)
+            y = distributed.longformer_attention(q, k, v, (self.window, 0), dilation=self.dilation, causal=True,
+                                                 plan=shard)
+        elif cache is None:
             q, k = self.rotary(q), self.rotary(k)
             # (window, 0) already excludes the future; causal=True states the intent and would also
             # cover global tokens if a caller ever added some.
@@ -159,8 +168,8 @@ class Block(nn.Module):
                                  nn.Linear(config.mlp_ratio * config.dim, config.dim))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cache))
+    def forward(self, x: Tensor, cache: Optional[WindowKVCache] = None, shard: Optional["ShardPlan"] = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache, shard))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -215,18 +224,25 @@ class CharLM(nn.Module):
         """An empty KV cache for this model's current windows and dilations (see ``forward``)."""
         return WindowKVCache(self.windows, self.dilations, slack=slack)
 
-    def forward(self, tokens: Tensor, cache: Optional[WindowKVCache] = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: Optional[WindowKVCache] = None,
+                shard: Optional["ShardPlan"] = None) -> Tensor:
         """Logits ``[B, N, vocab]`` of ``tokens`` ``[B, N]``. With a ``cache`` (``new_cache``), the
         tokens are the ``N`` positions after those the cache has seen: they attend to the cached keys
-        and their own, and the cache takes their keys and values (call it under ``torch.no_grad``)."""
+        and their own, and the cache takes their keys and values (call it under ``torch.no_grad``).
+        With a ``shard`` (``longformer_ext.distributed.plan`` of the tokens), ``tokens`` is this
+        rank's shard of a sequence split over a process group: every rank calls forward on its shard
+        and gets the logits of its positions, equal to the whole sequence's (the attention exchanges
+        the window's halo with the other ranks)."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be an int64 [B, N] tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if shard is not None and cache is not None:
+            raise ValueError("cache and shard cannot be combined: decoding runs on one process")
         if cache is not None and (cache.windows != self.windows or cache.dilations != self.dilations):
             raise ValueError(f"the cache was made for windows {cache.windows} and dilations {cache.dilations}, but the "
                              f"model has {self.windows} and {self.dilations}: make a new one with new_cache()")
         x = self.drop(self.embed(tokens))
         for block in self.blocks:
-            x = block(x, cache)
+            x = block(x, cache, shard)
         return F.linear(self.norm(x), self.embed.weight)  # tied input/output embedding
 
     def loss(self, tokens: Tensor) -> Tensor:
