@@ -130,3 +130,44 @@ def test_unsupported_arguments_are_refused_by_name():
         lfd.longformer_attention(q, torch.randn(1, 2, 9, 4), torch.randn(1, 2, 9, 4), 2)
     with pytest.raises(TypeError, match="plan must come from"):
         lfd.longformer_attention(q, q, q, 2, plan=object())
+
+
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_partial_attention_and_its_backward(monkeypatch, small_blocks):
+    """The global-token pieces (local rows x global keys, global rows x a shard's keys): forward
+    against a direct computation, the hand-written backward (from the lse) against autograd of it;
+    GQA, softcap, ALiBi, a row without keys; in one block and in many (rows and keys split)."""
+    from longformer_ext._softmax import masked_logsumexp, masked_softmax
+    from longformer_ext.distributed import _partial
+
+    if small_blocks:
+        monkeypatch.setattr(_partial, "_PAIRS_PER_BLOCK", 6)
+        monkeypatch.setattr(_partial, "_KEYS_PER_BLOCK", 4)
+    gen = torch.Generator().manual_seed(0)
+    b, h, h_kv, m, s, d = 2, 4, 2, 7, 9, 5
+    q = torch.randn(b, h, m, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(b, h_kv, s, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q_pos = torch.randint(0, 50, (b, m), generator=gen)
+    k_pos = torch.randint(0, 50, (b, s), generator=gen)
+    allowed = torch.rand(b, m, s, generator=gen) < 0.6
+    allowed[1, 3] = False
+    terms = _partial.ScoreTerms(0.4, 1.5, torch.rand(h, generator=gen, dtype=torch.float64))
+
+    scores = 0.4 * q @ k.repeat_interleave(h // h_kv, dim=1).transpose(-1, -2)
+    scores = 1.5 * torch.tanh(scores / 1.5)
+    scores = scores - terms.alibi_slopes[:, None, None] * (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs()
+    mask = allowed[:, None]
+    expected = masked_softmax(scores, mask) @ v.repeat_interleave(h // h_kv, dim=1)
+    expected_lse = masked_logsumexp(scores, mask)
+    seed = torch.randn(b, h, m, d, generator=gen, dtype=torch.float64)
+    seed_lse = torch.randn(b, h, m, generator=gen, dtype=torch.float64).masked_fill(~torch.isfinite(expected_lse), 0)
+    ((expected * seed).sum() + (torch.where(torch.isfinite(expected_lse), expected_lse, 0) * seed_lse).sum()).backward()
+
+    with torch.no_grad():
+        out, lse = _partial.partial_attention(q, q_pos, k, v, k_pos, allowed, terms)
+        grads = _partial.partial_attention_backward(seed, seed_lse, q, q_pos, k, v, k_pos, allowed, terms, out, lse)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse)) and torch.isinf(lse[1, :, 3]).all()
+    torch.testing.assert_close(lse[torch.isfinite(lse)], expected_lse[torch.isfinite(lse)], rtol=0, atol=1e-13)
+    for ours, leaf in zip(grads, (q, k, v)):
+        torch.testing.assert_close(ours, leaf.grad, rtol=0, atol=1e-12)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import ops
 from .._args import AttentionArgs, Dilation, Window, check_general_attention_args
-from ._partial import ScoreTerms, partial_attention, partial_attention_backward
+from ._partial import ScoreTerms, merge_partials, partial_attention, partial_attention_backward
 from .halo import (HaloLayout, add_returned_gradients, exchange_halo, halo_layout, return_halo_gradients,
                    unpack_halo)
 from .plan import Group, ShardPlan, _build_plan
@@ -124,16 +124,6 @@ def _put_slots(x: Tensor, values: Tensor, own: Tensor, index: Tensor, accumulate
     return padded[:, :, :n]
 
 
-def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact merge of two softmaxes over disjoint key sets; a row empty in both stays 0 and -inf."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, 0.0)
-    weight_a = torch.where(finite, torch.exp(lse_a - safe), 0.0)[..., None]
-    weight_b = torch.where(finite, torch.exp(lse_b - safe), 0.0)[..., None]
-    return weight_a * out_a + weight_b * out_b, lse
-
-
 def _positions(call: _Call, device) -> Tensor:
     plan = call.plan
     return torch.arange(plan.start, plan.end, device=device).expand(plan.batch, plan.length)
@@ -212,7 +202,7 @@ class _ShardedAttention(torch.autograd.Function):
         to_globals = _local_rows_allowed(call, positions)
         out_g, lse_g = partial_attention(q.to(acc), positions, global_key, global_value, plan.global_positions,
                                          to_globals, call.terms)
-        out, lse = _merge(band_out, band_lse, out_g, lse_g)
+        out, lse = merge_partials(band_out, band_lse, out_g, lse_g)
         # 4. global rows against this rank's keys, merged over the ranks
         own_k = (global_k if projections else k).to(acc)
         own_v = (global_v if projections else v).to(acc)
