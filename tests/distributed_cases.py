@@ -50,6 +50,7 @@ def _cases() -> list:
         c("p2_float32", 2, dilation=[1, 2], dtype="float32"),
         c("p2_no_globals", 2, window=6, dilation=[2, 1], globals=(), padding=0),
         c("p2_asym_projections", 2, window=(5, 2), dilation=[1, 2], projections=True),
+        c("p2_projections_without_global_tokens", 2, globals=(), padding=0, projections=True),
         c("p2_general", 2, heads=4, heads_kv=2, dilation=[1, 2, 1, 3], softcap=2.0, alibi=True, sinks=True,
           return_lse=True, projections=True),
         c("p3_uneven_causal_projections", 3, seqlen=50, window=(5, 0), dilation=[1, 3], causal=True,
@@ -103,7 +104,7 @@ def _inputs(case: ShardCase):
         kwargs["alibi_slopes"] = torch.rand(h, generator=gen, dtype=torch.float64) * 0.5
     seeds = {"out": torch.randn(b, h, n, d, generator=gen, dtype=torch.float64),
              "lse": torch.randn(b, h, n, generator=gen, dtype=torch.float64)}
-    return tensors, attention_mask, glob if case.globals or case.padding else None, kwargs, seeds
+    return tensors, attention_mask, glob if case.globals or case.padding or case.projections else None, kwargs, seeds
 
 
 def _loss(result, seeds, rows: slice):

@@ -51,6 +51,11 @@ class _Call:
     return_lse: bool
 
     @property
+    def has_globals(self) -> bool:
+        """Whether the batch has a global token (the same answer on every rank)."""
+        return self.plan.global_tokens > 0
+
+    @property
     def kernel_args(self) -> tuple:
         a = self.args
         return (a.window_left, a.window_right, a.dilation)
@@ -161,59 +166,66 @@ def _merge_over_ranks(call: _Call, out: Tensor, lse: Tensor, sinks: Optional[Ten
     return merged, total
 
 
+def _band_forward(call: _Call, q: Tensor, k: Tensor, v: Tensor, received: Tensor, sinks, alibi_slopes):
+    """The band kernel over this shard's rows, interior rows first (while the halo travels);
+    returns (out [B, H, n, D], lse [B, H, n], the halo as unpacked)."""
+    plan, args = call.plan, call.args
+    mask = _band_mask(plan)
+    band, halo = {}, None
+    for needs_halo, u, w, lo, hi in sorted(call.segments(), key=lambda seg: seg[0]):
+        if needs_halo and halo is None:
+            halo = unpack_halo(received, call.layout)
+        left_k, left_v, right_k, right_v = halo if halo is not None else (None,) * 4
+        band[u] = _ops.banded_attn(
+            q[:, :, u - plan.start:w - plan.start], _key_range(lo, hi, call, left_k, k, right_k),
+            _key_range(lo, hi, call, left_v, v, right_v), *call.kernel_args, mask[:, lo:hi].contiguous(), None,
+            call.causal, args.scale, None, None, None, torch.backends.cuda.matmul.allow_tf32, u - lo, None,
+            args.softcap or 0.0, alibi_slopes, sinks)
+    if halo is None:
+        halo = unpack_halo(received, call.layout)  # every rank waits for its exchange, even with no rows
+    order = sorted(band)
+    if not order:
+        b, h, n, d = q.shape
+        return q.new_zeros(b, h, n, d), q.new_zeros(b, h, n, dtype=_accumulation(q.dtype)), halo
+    return torch.cat([band[u][0] for u in order], dim=2), torch.cat([band[u][1] for u in order], dim=2), halo
+
+
 class _ShardedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, q, k, v, global_q, global_k, global_v, sinks, alibi_slopes):
-        plan, layout, args = call.plan, call.layout, call.args
+        plan = call.plan
         acc = _accumulation(q.dtype)
-        b, h, n, d = q.shape
-        heads_kv = k.shape[1]
+        h, d, heads_kv = q.shape[1], q.shape[3], k.shape[1]
         projections = global_q is not None
         own, index = plan.owned_slots()
-        # 1. the global tokens' query (for the global rows), key and value (for the local rows)
-        slots = funcol.all_reduce(
-            torch.cat([_slots(global_q if projections else q, own, index), _slots(k, own, index),
-                       _slots(v, own, index)], dim=-1).contiguous(), "sum", plan.group)
+        # Every rank's plan has the same number of global tokens: all skip their collectives alike.
+        if call.has_globals:  # 1. the global tokens' query (for the global rows), key and value (for the local rows)
+            slots = funcol.all_reduce(
+                torch.cat([_slots(global_q if projections else q, own, index), _slots(k, own, index),
+                           _slots(v, own, index)], dim=-1).contiguous(), "sum", plan.group)
         # 2. the halo in flight while the interior rows run
-        received = exchange_halo(layout, plan, k, v)
-        mask = _band_mask(plan)
-        band = {}
-        halo = None
-        for needs_halo, u, w, lo, hi in sorted(call.segments(), key=lambda seg: seg[0]):
-            if needs_halo and halo is None:
-                halo = unpack_halo(received, layout)
-            left_k, left_v, right_k, right_v = halo if halo is not None else (None,) * 4
-            band[u] = _ops.banded_attn(
-                q[:, :, u - plan.start:w - plan.start], _key_range(lo, hi, call, left_k, k, right_k),
-                _key_range(lo, hi, call, left_v, v, right_v), *call.kernel_args, mask[:, lo:hi].contiguous(), None,
-                call.causal, args.scale, None, None, None, torch.backends.cuda.matmul.allow_tf32, u - lo, None,
-                args.softcap or 0.0, alibi_slopes, sinks)
-        if halo is None:
-            halo = unpack_halo(received, layout)  # every rank waits for its exchange, even with no rows
-        order = sorted(band)
-        band_out = torch.cat([band[u][0] for u in order], dim=2).to(acc) if order else q.new_zeros(b, h, 0, d, dtype=acc)
-        band_lse = torch.cat([band[u][1] for u in order], dim=2) if order else q.new_zeros(b, h, 0, dtype=acc)
-        # 3. local rows against the global keys
-        gathered = funcol.wait_tensor(slots).to(acc)
-        global_query = _unslot(gathered[..., :h * d], h)
-        global_key = _unslot(gathered[..., h * d:(h + heads_kv) * d], heads_kv)
-        global_value = _unslot(gathered[..., (h + heads_kv) * d:], heads_kv)
-        positions = _positions(call, q.device)
-        to_globals = _local_rows_allowed(call, positions)
-        out_g, lse_g = partial_attention(q.to(acc), positions, global_key, global_value, plan.global_positions,
-                                         to_globals, call.terms)
-        out, lse = merge_partials(band_out, band_lse, out_g, lse_g)
-        # 4. global rows against this rank's keys, merged over the ranks
-        own_k = (global_k if projections else k).to(acc)
-        own_v = (global_v if projections else v).to(acc)
-        from_globals = _global_rows_allowed(call, positions)
-        rows_out, rows_lse = partial_attention(global_query, plan.global_positions, own_k, own_v, positions,
-                                               from_globals, call.terms)
-        rows_out, rows_lse = _merge_over_ranks(call, rows_out, rows_lse, sinks)
-        rows_out = rows_out.to(q.dtype)
-        out = _put_slots(out, rows_out, own, index, accumulate=False)
-        lse = _put_slots(lse[..., None], rows_lse[..., None], own, index, accumulate=False)[..., 0]
-        result = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        out, lse, halo = _band_forward(call, q, k, v, exchange_halo(call.layout, plan, k, v), sinks, alibi_slopes)
+        global_query = global_key = global_value = rows_out = rows_lse = None
+        if call.has_globals:
+            # 3. local rows against the global keys
+            gathered = funcol.wait_tensor(slots).to(acc)
+            global_query = _unslot(gathered[..., :h * d], h)
+            global_key = _unslot(gathered[..., h * d:(h + heads_kv) * d], heads_kv)
+            global_value = _unslot(gathered[..., (h + heads_kv) * d:], heads_kv)
+            positions = _positions(call, q.device)
+            out_g, lse_g = partial_attention(q.to(acc), positions, global_key, global_value, plan.global_positions,
+                                             _local_rows_allowed(call, positions), call.terms)
+            out, lse = merge_partials(out.to(acc), lse, out_g, lse_g)
+            # 4. global rows against this rank's keys, merged over the ranks
+            rows_out, rows_lse = partial_attention(
+                global_query, plan.global_positions, (global_k if projections else k).to(acc),
+                (global_v if projections else v).to(acc), positions, _global_rows_allowed(call, positions),
+                call.terms)
+            rows_out, rows_lse = _merge_over_ranks(call, rows_out, rows_lse, sinks)
+            rows_out = rows_out.to(q.dtype)
+            out = _put_slots(out, rows_out, own, index, accumulate=False)
+            lse = _put_slots(lse[..., None], rows_lse[..., None], own, index, accumulate=False)[..., 0]
+        result = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)  # [B, n, H, D] in memory, as the op's
 
         ctx.call = call
         ctx.save_for_backward(q, k, v, global_q, global_k, global_v, sinks, alibi_slopes, *halo, global_query,
@@ -233,11 +245,11 @@ class _ShardedAttention(torch.autograd.Function):
         if not call.return_lse:
             grad_lse = None
         own, index = plan.owned_slots()
-        # B1: the global rows' output gradients, from their owners to every rank
-        grad_rows_in = [_slots(grad_out.to(acc), own, index)]
-        if grad_lse is not None:
-            grad_rows_in.append(_slots(grad_lse[..., None].to(acc), own, index))
-        grad_rows = funcol.all_reduce(torch.cat(grad_rows_in, dim=-1).contiguous(), "sum", plan.group)
+        if call.has_globals:  # B1: the global rows' output gradients, from their owners to every rank
+            grad_rows_in = [_slots(grad_out.to(acc), own, index)]
+            if grad_lse is not None:
+                grad_rows_in.append(_slots(grad_lse[..., None].to(acc), own, index))
+            grad_rows = funcol.all_reduce(torch.cat(grad_rows_in, dim=-1).contiguous(), "sum", plan.group)
 
         # local rows: the band (rows next to a halo first), their halo gradients sent back meanwhile
         mask = _band_mask(plan)
@@ -252,7 +264,7 @@ class _ShardedAttention(torch.autograd.Function):
         returned = None
         for needs_halo, u, w, lo, hi in sorted(call.segments(), key=lambda seg: not seg[0]):
             if not needs_halo and returned is None:
-                returned = _send_back(layout, plan, dk_ext, dv_ext)
+                returned = _send_back(layout, plan, dk_ext, dv_ext)  # B2
             rows = slice(u - plan.start, w - plan.start)
             seg_dq, seg_dk, seg_dv, _, _, _, seg_dsinks = _ops.banded_attn_backward(
                 grad_local[:, :, rows], q[:, :, rows], _key_range(lo, hi, call, left_k, k, right_k),
@@ -266,53 +278,65 @@ class _ShardedAttention(torch.autograd.Function):
             if dsinks is not None:
                 dsinks += seg_dsinks
         if returned is None:
-            returned = _send_back(layout, plan, dk_ext, dv_ext)
-
-        # local rows against the global keys
-        positions = _positions(call, q.device)
-        dq_g, dk_slots, dv_slots = partial_attention_backward(
-            grad_local.to(acc), grad_lse_local, q.to(acc), positions, global_key, global_value, plan.global_positions,
-            _local_rows_allowed(call, positions), call.terms, out_local.to(acc), lse)
-        dq += dq_g
-
-        # global rows against this rank's keys, from the merged rows
-        grad_rows = funcol.wait_tensor(grad_rows)
-        grad_rows_out = _unslot(grad_rows[..., :h * d], h)
-        grad_rows_lse = _unslot(grad_rows[..., h * d:], h)[..., 0] if grad_lse is not None else None
-        own_k = (global_k if projections else k).to(acc)
-        own_v = (global_v if projections else v).to(acc)
-        dq_rows, dk_own, dv_own = partial_attention_backward(
-            grad_rows_out, grad_rows_lse, global_query, plan.global_positions, own_k, own_v, positions,
-            _global_rows_allowed(call, positions), call.terms, rows_out.to(acc), rows_lse)
-        if dsinks is not None:  # the global rows' share of the sinks' gradient, counted by their owners
-            delta = (grad_rows_out * rows_out.to(acc)).sum(-1)
-            if grad_rows_lse is not None:
-                delta = delta - grad_rows_lse
-            counted = own[:, None, :] & torch.isfinite(rows_lse)
-            share = torch.exp(sinks[None, :, None] - torch.where(counted, rows_lse, 0.0)) * delta
-            dsinks -= torch.where(counted, share, 0.0).sum(dim=(0, 2))
-
-        # B3: the global slots' query, key and value gradients, summed over the ranks for their owners
-        summed = funcol.wait_tensor(funcol.all_reduce(
-            torch.cat([_to_slots(dq_rows), _to_slots(dk_slots), _to_slots(dv_slots)], dim=-1).contiguous(), "sum",
-            plan.group))
-        dq_rows = _unslot(summed[..., :h * d], h)
-        dk_slots = _unslot(summed[..., h * d:(h + heads_kv) * d], heads_kv)
-        dv_slots = _unslot(summed[..., (h + heads_kv) * d:], heads_kv)
-
+            returned = _send_back(layout, plan, dk_ext, dv_ext)  # B2
         dk = dk_ext[:, :, layout.left_rows:layout.left_rows + n].clone()
         dv = dv_ext[:, :, layout.left_rows:layout.left_rows + n].clone()
+        dgq = dgk = dgv = None
+        if call.has_globals:
+            dq, dk, dv, dgq, dgk, dgv = _global_backward(
+                call, grad_local, grad_lse_local, out_local, lse, grad_rows, q, k, v, global_q, global_k, global_v,
+                sinks, dsinks, global_query, global_key, global_value, rows_out, rows_lse, dq, dk, dv)
         add_returned_gradients(returned, layout, dk, dv)
-        dk = _put_slots(dk, dk_slots, own, index, accumulate=True)
-        dv = _put_slots(dv, dv_slots, own, index, accumulate=True)
-        if projections:
-            dgq = _put_slots(torch.zeros_like(dq), dq_rows, own, index, accumulate=True).to(global_q.dtype)
-            dgk, dgv = dk_own.to(global_k.dtype), dv_own.to(global_v.dtype)
-        else:
-            dq = _put_slots(dq, dq_rows, own, index, accumulate=True)
-            dk, dv = dk + dk_own, dv + dv_own
-            dgq = dgk = dgv = None
+        if projections and dgq is not None:
+            dgq, dgk, dgv = dgq.to(global_q.dtype), dgk.to(global_k.dtype), dgv.to(global_v.dtype)
+        elif projections:  # no global token at all: the global projections get zero gradients
+            dgq, dgk, dgv = torch.zeros_like(global_q), torch.zeros_like(global_k), torch.zeros_like(global_v)
         return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgq, dgk, dgv, dsinks, None)
+
+
+def _global_backward(call: _Call, grad_local, grad_lse_local, out_local, lse, grad_rows, q, k, v, global_q, global_k,
+                     global_v, sinks, dsinks, global_query, global_key, global_value, rows_out, rows_lse, dq, dk, dv):
+    """The global-token pieces' gradients (the local rows' against the global keys, the global
+    rows'), with B3, the all-reduce of the global slots' q/k/v gradients to their owners. Adds into
+    ``dq, dk, dv`` (and ``dsinks``); returns them with the global projections' gradients (None
+    without projections)."""
+    plan = call.plan
+    acc = dq.dtype
+    h, d, heads_kv = q.shape[1], q.shape[3], k.shape[1]
+    projections = global_q is not None
+    own, index = plan.owned_slots()
+    positions = _positions(call, q.device)
+    # local rows against the global keys
+    dq_g, dk_slots, dv_slots = partial_attention_backward(
+        grad_local.to(acc), grad_lse_local, q.to(acc), positions, global_key, global_value, plan.global_positions,
+        _local_rows_allowed(call, positions), call.terms, out_local.to(acc), lse)
+    dq = dq + dq_g
+    # global rows against this rank's keys, from the merged rows
+    grad_rows = funcol.wait_tensor(grad_rows)
+    grad_rows_out = _unslot(grad_rows[..., :h * d], h)
+    grad_rows_lse = _unslot(grad_rows[..., h * d:], h)[..., 0] if grad_rows.shape[-1] > h * d else None
+    dq_rows, dk_own, dv_own = partial_attention_backward(
+        grad_rows_out, grad_rows_lse, global_query, plan.global_positions, (global_k if projections else k).to(acc),
+        (global_v if projections else v).to(acc), positions, _global_rows_allowed(call, positions), call.terms,
+        rows_out.to(acc), rows_lse)
+    if dsinks is not None:  # the global rows' share of the sinks' gradient, counted by their owners
+        delta = (grad_rows_out * rows_out.to(acc)).sum(-1)
+        if grad_rows_lse is not None:
+            delta = delta - grad_rows_lse
+        counted = own[:, None, :] & torch.isfinite(rows_lse)
+        share = torch.exp(sinks[None, :, None] - torch.where(counted, rows_lse, 0.0)) * delta
+        dsinks -= torch.where(counted, share, 0.0).sum(dim=(0, 2))
+    # B3: the global slots' query, key and value gradients, summed over the ranks for their owners
+    summed = funcol.wait_tensor(funcol.all_reduce(
+        torch.cat([_to_slots(dq_rows), _to_slots(dk_slots), _to_slots(dv_slots)], dim=-1).contiguous(), "sum",
+        plan.group))
+    dq_rows = _unslot(summed[..., :h * d], h)
+    dk = _put_slots(dk, _unslot(summed[..., h * d:(h + heads_kv) * d], heads_kv), own, index, accumulate=True)
+    dv = _put_slots(dv, _unslot(summed[..., (h + heads_kv) * d:], heads_kv), own, index, accumulate=True)
+    if projections:
+        return dq, dk, dv, _put_slots(torch.zeros_like(dq), dq_rows, own, index, accumulate=True), dk_own, dv_own
+    dq = _put_slots(dq, dq_rows, own, index, accumulate=True)
+    return dq, dk + dk_own, dv + dv_own, None, None, None
 
 
 def _to_slots(x: Tensor) -> Tensor:
