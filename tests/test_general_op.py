@@ -123,6 +123,25 @@ def test_emulated_cuda_general_op_matches_oracle(case):
         _check_against_oracle(case)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("path", ["mma", "simt"])
+def test_emulated_grouped_kv_heads_on_both_cuda_paths(dtype, path, monkeypatch):
+    """Grouped KV heads with no other general argument run on the tiled CUDA kernels, one slice of
+    query heads per group member (csrc/cuda/kv_group_slices.h), and on the SIMT kernels as one call:
+    both against the oracle, with per-head dilations that differ inside each group, global rows
+    (with and without projections), padding, causal windows and the lse's gradient."""
+    load_emulation_or_skip()
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
+    monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", path)
+    shapes = [(4, 2, [1, 2, 3, 1], False, False), (6, 2, [2, 1, 1, 3, 1, 2], True, True), (4, 1, [1, 3, 2, 1], True, False)]
+    for i, (h, h_kv, dilation, projections, causal) in enumerate(shapes):
+        case = dict(index=i, features={"gqa", "lse"}, b=2, h=h, h_kv=h_kv, nq=70, nk=70, d=16, window=(5, 3),
+                    dilation=dilation, causal=causal, globals="some", projections=projections, padding=True,
+                    q_offset=None, dtype=dtype, head_split=True, seed=500 + i, rng=random.Random(i))
+        with cuda_emulation():
+            _check_against_oracle(case)
+
+
 def _has_cuda_kernels():
     try:
         from longformer_ext import _build_info

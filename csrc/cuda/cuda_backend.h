@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kv_group_slices.h"
 #include "launchers.h"
 #include "longformer/glue.h"
 
@@ -48,6 +49,19 @@ inline bool use_tiled_kernels(DType dtype, const char* variable) {
 inline DType attention_dtype(const AttentionCall& c) {
   const DType dtype = kernel_dtype(c.dtype);
   return dtype == DType::kFloat32 && c.allow_tf32 ? DType::kFloat32Tf32 : dtype;
+}
+
+inline int64_t storage_bytes(ScalarType t) {
+  return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2;
+}
+
+// Grouped KV heads run on the tiled kernels as H / H_kv plain slices (kv_group_slices.h) where
+// those kernels take the slices; otherwise the SIMT kernels run the call as it is.
+inline bool runs_as_kv_group_slices(const AttentionCall& c, DType dtype, bool tiled, bool forward) {
+  if (!tiled || !is_grouped_heads_only(c.local)) return false;
+  const AttentionParams slice = kv_group_slice(c.local, 0, storage_bytes(c.dtype), nullptr, nullptr);
+  return forward ? banded_attention_forward_mma_supports(slice, dtype)
+                 : banded_attention_backward_mma_supports(slice, dtype);
 }
 
 template <typename Device>
@@ -103,6 +117,7 @@ struct CudaBackend {
     void* stream = t.stream;
     const DType storage = kernel_dtype(c.dtype), dtype = attention_dtype(c);
     const bool tiled = use_tiled_kernels(storage, "LONGFORMER_CUDA_FORWARD");
+    if (runs_as_kv_group_slices(c, dtype, tiled, /*forward=*/true)) return forward_kv_group_slices(c, t, dtype);
     if (tiled && banded_attention_forward_mma_supports(c.local, dtype)) {
       Device::check(banded_attention_forward_mma(c.local, t.globals, dtype, stream), "banded_attn");
     } else {
@@ -114,6 +129,27 @@ struct CudaBackend {
     }
   }
 
+  // One slice of query heads after the other (kv_group_slices.h), local rows then global rows, each
+  // slice's lse in one [B, H_kv, Nq] buffer copied from (the -inf the kernels expect) and back to
+  // the call's lse.
+  static void forward_kv_group_slices(const AttentionCall& c, const Tokens& t, DType dtype) {
+    const AttentionParams& p = c.local;
+    Tensor lse = empty_on(t.roles, {p.batch * p.heads_kv * p.queries}, ScalarType::Float);
+    const int64_t bytes = storage_bytes(c.dtype);
+    for (int64_t g = 0; g < p.heads / p.heads_kv; ++g) {
+      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/true, t.stream), "banded_attn (lse)");
+      Device::check(banded_attention_forward_mma(kv_group_slice(p, g, bytes, lse.data_ptr(), nullptr), t.globals,
+                                                 dtype, t.stream),
+                    "banded_attn");
+      if (c.has_global_rows) {
+        Device::check(global_attention_forward(kv_group_slice(c.global, g, bytes, lse.data_ptr(), nullptr), t.globals,
+                                               c.workspace, dtype, /*tiled=*/true, t.stream),
+                      "banded_attn (global rows)");
+      }
+      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/false, t.stream), "banded_attn (lse)");
+    }
+  }
+
   // One workspace for both launches: they run one after the other on the stream.
   static int64_t backward_workspace_bytes(const AttentionCall& c) {
     const DType storage = kernel_dtype(c.dtype);
@@ -122,19 +158,50 @@ struct CudaBackend {
   }
 
   static void backward(const AttentionCall& c, const Tokens& t) {
-    void* stream = t.stream;
     const DType dtype = attention_dtype(c);
     const bool tiled = use_tiled_kernels(kernel_dtype(c.dtype), "LONGFORMER_CUDA_BACKWARD");
-    Device::check(banded_attention_backward(c.local, t.globals, c.workspace, dtype, tiled, stream),
-                  "banded_attn_backward");
-    if (c.has_global_rows) {
-      Device::check(global_attention_backward(c.global, t.globals, c.workspace, dtype, c.accumulate_global, tiled,
-                                              stream),
-                    "banded_attn_backward (global rows)");
+    if (runs_as_kv_group_slices(c, dtype, tiled, /*forward=*/false)) {
+      backward_kv_group_slices(c, t, dtype);
+    } else {
+      backward_launches(c, c.local, c.global, t, dtype, tiled);
     }
     // Every row's delta is in the workspace now (the local rows' and the global rows' kernels
-    // write theirs at the same place).
-    Device::check(sinks_backward(c.local, c.workspace, kernel_dtype(c.dtype), stream), "banded_attn_backward (sinks)");
+    // write theirs at the same place; calls with sinks never run as slices).
+    Device::check(sinks_backward(c.local, c.workspace, kernel_dtype(c.dtype), t.stream),
+                  "banded_attn_backward (sinks)");
+  }
+
+  static void backward_launches(const AttentionCall& c, const AttentionParams& local, const AttentionParams& global,
+                                const Tokens& t, DType dtype, bool tiled) {
+    Device::check(banded_attention_backward(local, t.globals, c.workspace, dtype, tiled, t.stream),
+                  "banded_attn_backward");
+    if (c.has_global_rows) {
+      Device::check(global_attention_backward(global, t.globals, c.workspace, dtype, c.accumulate_global, tiled,
+                                              t.stream),
+                    "banded_attn_backward (global rows)");
+    }
+  }
+
+  // As forward_kv_group_slices: each slice reads its heads' lse (and lse gradient) from a buffer.
+  // Every slice writes other rows of the gradients (its heads' dQ and per-query-head dK/dV).
+  static void backward_kv_group_slices(const AttentionCall& c, const Tokens& t, DType dtype) {
+    const AttentionParams& p = c.local;
+    const int64_t rows = p.batch * p.heads_kv * p.queries, bytes = storage_bytes(c.dtype);
+    Tensor lse = empty_on(t.roles, {rows}, ScalarType::Float);
+    std::optional<Tensor> grad_lse;
+    if (p.grad_lse != nullptr) grad_lse = empty_on(t.roles, {rows}, ScalarType::Float);
+    void* grad_lse_slice = grad_lse ? grad_lse->data_ptr() : nullptr;
+    for (int64_t g = 0; g < p.heads / p.heads_kv; ++g) {
+      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/true, t.stream),
+                    "banded_attn_backward (lse)");
+      if (grad_lse) {  // read only in this direction
+        Device::check(copy_lse_heads(p, g, const_cast<void*>(p.grad_lse), grad_lse_slice, /*to_slice=*/true,
+                                     t.stream),
+                      "banded_attn_backward (grad_lse)");
+      }
+      backward_launches(c, kv_group_slice(p, g, bytes, lse.data_ptr(), grad_lse_slice),
+                        kv_group_slice(c.global, g, bytes, lse.data_ptr(), grad_lse_slice), t, dtype, /*tiled=*/true);
+    }
   }
 
   static void sum_kv_groups(const AttentionParams& p, const Tensor& per_query_head, const Tensor& out) {

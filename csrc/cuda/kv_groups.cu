@@ -28,7 +28,38 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
   }
 }
 
+// The lse rows of grouped-KV slice g (kv_group_slices.h): the contiguous [B, H_kv, Nq] slice and
+// heads g, g + group, ... of the full [B, H, Nq] lse, copied one way or the other. float only: the
+// tiled kernels that run slices never take float64.
+template <bool kToSlice>
+__global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
+    copy_lse_heads_kernel(const AttentionParams p, int64_t g, float* full, float* slice) {
+  const int64_t N = p.queries, group = p.heads / p.heads_kv;
+  const int64_t total = p.batch * p.heads_kv * N;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t n = e % N, h = (e / N) % p.heads_kv, b = e / (N * p.heads_kv);
+    const int64_t at = (b * p.heads + h * group + g) * N + n;
+    if constexpr (kToSlice) {
+      slice[e] = full[at];
+    } else {
+      full[at] = slice[e];
+    }
+  }
+}
+
 }  // namespace
+
+int copy_lse_heads(const AttentionParams& p, int64_t g, void* full, void* slice, bool to_slice, void* stream) {
+  const int64_t total = p.batch * p.heads_kv * p.queries;
+  if (total == 0) return 0;
+  float* f = static_cast<float*>(full);
+  float* s = static_cast<float*>(slice);
+  return to_slice ? LONGFORMER_LAUNCH(copy_lse_heads_kernel<true>, dim3(grid_for(total, kThreads)), dim3(kThreads), 0,
+                                      stream, p, g, f, s)
+                  : LONGFORMER_LAUNCH(copy_lse_heads_kernel<false>, dim3(grid_for(total, kThreads)), dim3(kThreads),
+                                      0, stream, p, g, f, s);
+}
 
 int sum_kv_groups(const AttentionParams& p, const RowMajorHeads& per_query_head, const RowMajorHeads& out, DType dtype,
                   void* stream) {

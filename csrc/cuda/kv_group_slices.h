@@ -1,0 +1,54 @@
+// Grouped KV heads on the tiled kernels. Those kernels read KV head h for query head h; with
+// group = H / H_kv query heads per KV head, the query heads g, g + group, g + 2 group, ... read the
+// KV heads 0, 1, 2, ... So each g is a plain call over H_kv heads: q, out and their gradients (and
+// the per-query-head dK/dV slices, params.h) as strided views that pick those heads, k and v as
+// they are. The backend runs one such slice per g. The lse, [B, H, Nq] contiguous in the kernels'
+// indexing (lse_offset), goes through a contiguous [B, H_kv, Nq] buffer per slice
+// (copy_lse_heads), and so does the lse's gradient.
+#pragma once
+
+#include "longformer/params.h"
+
+namespace longformer::cuda {
+
+// Grouped KV heads and none of the general op's other arguments: the calls that run as slices.
+inline bool is_grouped_heads_only(const AttentionParams& p) {
+  return p.heads_kv != p.heads && p.queries == p.seqlen && p.cu_seqlens == nullptr && p.softcap == 0.0 &&
+         p.alibi_slopes == nullptr && p.sinks == nullptr;
+}
+
+// Heads g, g + group, ... of a [B, H, N, D] operand (data null stays null).
+inline RowMajorHeads every_group_head(RowMajorHeads t, int64_t g, int64_t group, int64_t element_bytes) {
+  if (t.data != nullptr) t.data = static_cast<char*>(t.data) + g * t.stride_h * element_bytes;
+  t.stride_h *= group;
+  return t;
+}
+
+// Slice g of a grouped call: H_kv query heads, each reading its own KV head; lse and grad_lse are
+// the slice's [B, H_kv, Nq] buffers.
+inline AttentionParams kv_group_slice(const AttentionParams& p, int64_t g, int64_t element_bytes, void* lse,
+                                      const void* grad_lse) {
+  const int64_t group = p.heads / p.heads_kv;
+  AttentionParams s = p;
+  s.heads = s.heads_kv = p.heads_kv;
+  s.q = every_group_head(p.q, g, group, element_bytes);
+  s.out = every_group_head(p.out, g, group, element_bytes);
+  s.grad_out = every_group_head(p.grad_out, g, group, element_bytes);
+  s.grad_q = every_group_head(p.grad_q, g, group, element_bytes);
+  if (p.grad_kv_per_query_head) {  // the [B, H, N, D] per-query-head slices: this slice's heads
+    s.grad_k = every_group_head(p.grad_k, g, group, element_bytes);
+    s.grad_v = every_group_head(p.grad_v, g, group, element_bytes);
+    s.grad_kv_per_query_head = false;  // within the slice, head h writes row h of those views
+  }
+  s.lse = lse;
+  s.grad_lse = p.grad_lse == nullptr ? nullptr : grad_lse;
+  s.max_dilation = 1;
+  for (int64_t h = 0; h < s.heads; ++h) {
+    s.dilation[h] = p.dilation[h * group + g];
+    if (s.dilation[h] > s.max_dilation) s.max_dilation = s.dilation[h];
+  }
+  for (int64_t h = s.heads; h < p.heads; ++h) s.dilation[h] = 0;
+  return s;
+}
+
+}  // namespace longformer::cuda
