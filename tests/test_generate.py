@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longformer_ext import cache as cache_module
+from longformer_ext import longformer_attention
 from longformer_ext.cache import WindowKVCache
 from longformer_ext.models import CharLM, CharLMConfig
 from longformer_ext.models import char_lm
@@ -250,8 +251,10 @@ def test_cache_errors():
         cache.update(0, k[:1], v[:1])  # another batch size
     with pytest.raises(ValueError, match="holds"):
         cache.update(0, k.double(), v.double())
-    with pytest.raises(NotImplementedError, match="global"):
-        cache.attend(0, k, k, v, global_attention_mask=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="global token"):  # positions 0, 1 are no longer handed back
+        cache.attend(0, k, k, v, global_attention_mask=torch.ones(k.shape[0], k.shape[2], dtype=torch.bool))
+    with pytest.raises(ValueError, match="global_attention_mask"):
+        cache.attend(0, k, k, v, global_attention_mask=torch.ones(k.shape[0], 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="same n"):
         cache.attend(0, k[:, :, :1], k, v)
     assert cache.next_position == 4  # the rejected calls changed nothing
@@ -305,3 +308,34 @@ def test_generate_errors(ids, kwargs, match):
     kwargs = {"max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         tiny_lm().generate(ids, **kwargs)
+
+
+@pytest.mark.parametrize("slack", [1, 3, None])
+def test_global_tokens_kept_after_the_window_passes_them(slack):
+    """Global tokens while the window still reaches position 0 (the prompt and the chunk after it),
+    then one position at a time: every step equals the rows of the whole sequence's causal
+    attention with those global tokens, in float64, long after the window has passed them. Batch
+    rows have different numbers of global tokens; a later global token is refused."""
+    gen = torch.Generator().manual_seed(7)
+    b, h, n, d = 2, 3, 40, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    window, dilation = 3, [1, 2, 2]  # reach 6
+    glob = torch.zeros(b, n, dtype=torch.bool)
+    glob[0, [0, 3, 4]] = True
+    glob[1, 2] = True
+    expected = longformer_attention(q, k, v, (window, 0), dilation=dilation, causal=True, global_attention_mask=glob)
+
+    cache = WindowKVCache([window], [dilation], slack=slack)
+    chunks = [(0, 3), (3, 5)] + [(t, t + 1) for t in range(5, n)]
+    outs = []
+    for start, end in chunks:
+        rows = slice(start, end)
+        mask = glob[:, rows] if end <= 5 else None
+        outs.append(cache.attend(0, q[:, :, rows], k[:, :, rows], v[:, :, rows], global_attention_mask=mask))
+    torch.testing.assert_close(torch.cat(outs, dim=2), expected, rtol=0, atol=1e-12)
+    assert cache.first_position(0) > 4  # the global tokens left the stored window long ago
+
+    late = torch.zeros(b, 1, dtype=torch.bool)
+    late[1, 0] = True
+    with pytest.raises(NotImplementedError, match="global token"):
+        cache.attend(0, q[:, :, :1], k[:, :, :1], v[:, :, :1], global_attention_mask=late)

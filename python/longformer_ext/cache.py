@@ -21,8 +21,14 @@ stored.
 The cache stores keys as the model computed them: a model with rotary positions rotates the new keys
 by their absolute positions (``next_position`` onwards) before the update.
 
-Global tokens are not supported: a global query attends to every earlier key, and those the window
-has passed are gone.
+Global tokens (``attend(..., global_attention_mask=)``): every later query attends to every global
+key, so the cache also keeps the keys and values of each global position, for good (memory grows
+with the number of global tokens only). Once such a position has left the window, its key goes
+before the window's keys in the sequence handed to the op, marked global: a global key is never a
+band key, so its index there does not matter, and it precedes every new query, as causality wants.
+(That sequence is then a concatenation, one copy of the window per step.) A global *query* attends
+to every earlier key, so a global token is accepted only while the cache still holds every earlier
+position (the prompt, typically); later, a NotImplementedError says so.
 """
 
 from numbers import Integral
@@ -31,6 +37,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._args import check_role_mask
 from .attention import longformer_attention
 
 __all__ = ["WindowKVCache"]
@@ -81,6 +88,12 @@ class WindowKVCache:
         self._values: list[Optional[Tensor]] = [None] * len(windows)
         self._length = [0] * len(windows)  # stored positions: buffer slots [0, length)
         self._end = [0] * len(windows)     # absolute position after the newest stored one
+        # Global tokens: which stored slots are global ([B, capacity] bool), and every global
+        # position's key and value, kept for good: [B, H, G, D], positions [B, G] (padded slots: -1).
+        self._is_global: list[Optional[Tensor]] = [None] * len(windows)
+        self._global_keys: list[Optional[Tensor]] = [None] * len(windows)
+        self._global_values: list[Optional[Tensor]] = [None] * len(windows)
+        self._global_positions: list[Optional[Tensor]] = [None] * len(windows)
 
     @property
     def layers(self) -> int:
@@ -116,12 +129,21 @@ class WindowKVCache:
         ``min(reach, stored)`` stored positions followed by the ``n`` new ones. They are views of the
         cache's buffer (valid until this layer's next update), or a new tensor for a chunk longer than
         the slack."""
+        out_k, out_v, _ = self._append(layer, k, v, None)
+        return out_k, out_v
+
+    def _append(self, layer: int, k: Tensor, v: Tensor, glob: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``update``, also keeping which positions are global (``glob`` [B, n] bool, None: none);
+        returns the keys, values and global flags [B, needed + n] of the positions handed back."""
         self._check_update(layer, k, v)
         n = k.shape[2]
         if self._keys[layer] is None:
             shape = (k.shape[0], k.shape[1], self._capacity[layer], k.shape[3])
             self._keys[layer], self._values[layer] = k.new_empty(shape), v.new_empty(shape)
-        keys, values = self._keys[layer], self._values[layer]
+            self._is_global[layer] = torch.zeros(k.shape[0], self._capacity[layer], dtype=torch.bool, device=k.device)
+        if glob is None:
+            glob = torch.zeros(k.shape[0], n, dtype=torch.bool, device=k.device)
+        keys, values, flags = self._keys[layer], self._values[layer], self._is_global[layer]
         length, reach, capacity = self._length[layer], self.reach[layer], self._capacity[layer]
         needed = min(length, reach)  # what the new queries need of the stored positions
         if needed + n > capacity:
@@ -129,39 +151,90 @@ class WindowKVCache:
             # only its last positions.
             out_k = torch.cat([keys[:, :, length - needed:length], k], dim=2)
             out_v = torch.cat([values[:, :, length - needed:length], v], dim=2)
+            out_flags = torch.cat([flags[:, length - needed:length], glob], dim=1)
             length = min(reach, needed + n)
             keys[:, :, :length].copy_(out_k[:, :, out_k.shape[2] - length:])
             values[:, :, :length].copy_(out_v[:, :, out_v.shape[2] - length:])
+            flags[:, :length].copy_(out_flags[:, out_flags.shape[1] - length:])
         else:
             if length + n > capacity:  # full: move the needed tail to the front, drop the rest
                 _move_to_front(keys, length - needed, needed)
                 _move_to_front(values, length - needed, needed)
+                _move_to_front(flags[:, None, :, None], length - needed, needed)
                 length = needed
             keys[:, :, length:length + n].copy_(k)
             values[:, :, length:length + n].copy_(v)
+            flags[:, length:length + n].copy_(glob)
             length += n
             out_k = keys[:, :, length - needed - n:length]
             out_v = values[:, :, length - needed - n:length]
+            out_flags = flags[:, length - needed - n:length]
         self._length[layer] = length
         self._end[layer] += n
-        return out_k, out_v
+        return out_k, out_v, out_flags
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
                global_attention_mask: Optional[Tensor] = None) -> Tensor:
         """``update(layer, k, v)``, then causal sliding-window attention of the new queries ``q``
         ``[B, H, n, D]`` (the newest ``n`` positions) over the returned keys, with the layer's
-        window and dilation. Returns ``[B, H, n, D]``."""
-        if global_attention_mask is not None:
-            raise NotImplementedError(
-                "WindowKVCache does not support global tokens: a global query attends to every earlier key, "
-                "and the cache keeps only the window's")
+        window and dilation, plus every global key so far. ``global_attention_mask`` ``[B, n]``
+        marks the new positions that are global tokens (accepted while the cache holds every
+        earlier position: see the module's docstring). Returns ``[B, H, n, D]``."""
         if q.dim() != 4 or k.dim() != 4 or q.shape[2] != k.shape[2]:
             raise ValueError(f"q and k must be [B, H, n, D] for the same n new positions, got {tuple(q.shape)} "
                              f"and {tuple(k.shape)}")
-        keys, values = self.update(layer, k, v)
+        self._check_layer(layer)
+        # The first position of the stored keys handed back with the new ones (update's `needed`).
+        window_start = self._end[layer] - min(self._length[layer], self.reach[layer])
+        glob = None
+        if global_attention_mask is not None:
+            check_role_mask("global_attention_mask", global_attention_mask, k.shape[0], k.shape[2], k.device,
+                            "the new positions")
+            glob = global_attention_mask != 0
+            if window_start > 0 and bool(glob.any()):
+                raise NotImplementedError(
+                    f"a global token at position {self._end[layer]} or later: a global query attends to every "
+                    f"earlier key, but layer {layer} hands the op only the positions from {window_start} on; "
+                    f"global tokens are accepted while the window still reaches position 0 (in the prompt, "
+                    f"typically)")
+        keys, values, flags = self._append(layer, k, v, glob)
+        if glob is not None:
+            self._keep_global(layer, k, v, glob, self._end[layer] - k.shape[2])
+        mask = None
+        has_globals = self._global_positions[layer] is not None
+        if has_globals:
+            positions = self._global_positions[layer]
+            left_behind = (positions >= 0) & (positions < window_start)  # no longer among the window's keys
+            if bool(left_behind.any()):  # before the window's keys; the other slots masked out as padding
+                keys = torch.cat([self._global_keys[layer], keys], dim=2)
+                values = torch.cat([self._global_values[layer], values], dim=2)
+                mask = torch.cat([left_behind, torch.ones_like(flags)], dim=1)
+                flags = torch.cat([left_behind, flags], dim=1)
         # The queries are the last positions of the key sequence: the op's default q_offset.
         return longformer_attention(q, keys, values, (self.windows[layer], 0), dilation=self.dilations[layer],
-                                    causal=True, scale=scale)
+                                    causal=True, scale=scale, attention_mask=mask,
+                                    global_attention_mask=flags if has_globals else None)
+
+    def _keep_global(self, layer: int, k: Tensor, v: Tensor, glob: Tensor, first: int) -> None:
+        """Adds the global positions among the new ones (``glob`` [B, n]; the first is ``first``) to
+        the layer's global keys, each batch row's in position order (rows with fewer padded, -1)."""
+        counts = glob.sum(1)
+        width = int(counts.max()) if glob.numel() else 0
+        if width == 0:
+            return
+        n = glob.shape[1]
+        index = torch.arange(n, device=k.device).expand_as(glob)
+        order = torch.where(glob, index, index + n).sort(dim=1).values[:, :width]  # global indices first
+        valid = order < n
+        order = torch.where(valid, order, 0)
+        pick = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        new = (k.gather(2, pick), v.gather(2, pick), torch.where(valid, order + first, -1))
+        if self._global_positions[layer] is None:
+            self._global_keys[layer], self._global_values[layer], self._global_positions[layer] = new
+        else:
+            self._global_keys[layer] = torch.cat([self._global_keys[layer], new[0]], dim=2)
+            self._global_values[layer] = torch.cat([self._global_values[layer], new[1]], dim=2)
+            self._global_positions[layer] = torch.cat([self._global_positions[layer], new[2]], dim=1)
 
     def _check_layer(self, layer) -> None:
         if not isinstance(layer, Integral) or isinstance(layer, bool) or not 0 <= layer < self.layers:
