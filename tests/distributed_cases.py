@@ -260,10 +260,12 @@ def dtensor_worker(rank: int, world: int, rendezvous: str, results: str) -> None
     (out * distribute_tensor(seed, mesh, [Shard(2)])).sum().backward()
     # the helpers: any split (an empty shard too) and back
     sizes = [5, 0, 32] if world == 3 else None
-    pieces = lfd.shard(q, 2, sizes=sizes)
-    whole = lfd.unshard(pieces, 2)
+    pieces = lfd.shard(q, sizes=sizes)  # the sequence dimension by default
+    whole = lfd.unshard(pieces)
+    mask_pieces = lfd.shard(glob, sizes=sizes)
     report = {"sharded_on_sequence": tuple(out.placements) == (Shard(2),), "shape": list(out.shape),
-              "unshard": torch.equal(whole, q), "shard_rows": pieces.shape[2],
+              "unshard": torch.equal(whole, q) and torch.equal(lfd.unshard(mask_pieces), glob),
+              "shard_rows": pieces.shape[2],
               "out": (out.full_tensor() - full).abs().max().item(),
               "grads": max((t.grad.full_tensor() - leaf.grad).abs().max().item()
                            for t, leaf in zip((dq, dk, dv), leaves))}

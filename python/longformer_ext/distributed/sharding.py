@@ -24,17 +24,29 @@ def shard_bounds(total: int, world: int, sizes: Optional[Sequence[int]] = None) 
     return [(s, s + n) for s, n in zip(starts, sizes)]
 
 
-def shard(x: Tensor, dim: int, *, group: Group = None, sizes: Optional[Sequence[int]] = None) -> Tensor:
-    """This rank's shard (a view) of ``x``, which every rank holds whole, along ``dim``
-    (``shard_bounds`` split, or ``sizes``)."""
+def _sequence_dim(x: Tensor, dim: Optional[int]) -> int:
+    """``dim``, or by default the sequence dimension of the library's layouts: 2 of a [B, H, N, D]
+    tensor, 1 of anything else ([B, N] masks and token ids, [B, N, C] hidden states)."""
+    if dim is not None:
+        return dim
+    return 2 if x.dim() == 4 else 1
+
+
+def shard(x: Tensor, dim: Optional[int] = None, *, group: Group = None,
+          sizes: Optional[Sequence[int]] = None) -> Tensor:
+    """This rank's shard (a view) of ``x``, which every rank holds whole, along ``dim`` (default:
+    2 of a [B, H, N, D] tensor, else 1), ``shard_bounds``' split or ``sizes``."""
+    dim = _sequence_dim(x, dim)
     pg = resolve_group(group)
     start, end = shard_bounds(x.shape[dim], dist.get_world_size(pg), sizes)[dist.get_rank(pg)]
     return x.narrow(dim, start, end - start)
 
 
-def unshard(x: Tensor, dim: int, *, group: Group = None) -> Tensor:
-    """The whole tensor from every rank's shard along ``dim`` (any lengths, empty ones too), on every
-    rank. Not differentiable: for results (the sharded call's gradients already reach each shard)."""
+def unshard(x: Tensor, dim: Optional[int] = None, *, group: Group = None) -> Tensor:
+    """The whole tensor from every rank's shard along ``dim`` (default as in ``shard``; any lengths,
+    empty ones too), on every rank. Not differentiable: for results (the sharded call's gradients
+    already reach each shard)."""
+    dim = _sequence_dim(x, dim)
     pg = resolve_group(group)
     world = dist.get_world_size(pg)
     length = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
