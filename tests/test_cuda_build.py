@@ -142,9 +142,22 @@ FLOAT_TILE_SHUFFLES = {
     "global_rows_forward_mma_kernel": {32: 256, 64: 112, 128: 80},
     **{kernel: {32: 96, 64: 96, 128: 96} for kernel in MMA_BACKWARD_KERNELS},
 }
+# The tensor-core forward kernels: the local rows, and the global rows (gathered query tiles).
+MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forward_mma_kernel")
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
+# The softcap instantiations of the tiled forwards (kCapped: tanh of every score before the
+# softmax), head dims above 32 only (the D = 32 tile, under launch bounds of 128 registers, would
+# spill: softcap with D <= 32 runs on SIMT). nvcc 13.0, sm_80 and sm_90: 16-bit 167-168 at D = 64
+# (3 blocks per SM, as the plain kernels), 247-254 at 128 (2, as the plain ones), 255 at 256;
+# float 162-168, and 190 for the global rows at D = 128 on sm_80 (2 blocks instead of 3); TF32
+# 143-160.
+CAPPED_FORWARD_REGISTERS = {
+    "half": {kernel: {64: 176, 128: 255, 256: 255} for kernel in MMA_FORWARD_KERNELS},
+    "float": {kernel: {64: 168, 128: 192} for kernel in MMA_FORWARD_KERNELS},
+    "tf32": {kernel: {64: 168, 128: 168} for kernel in MMA_FORWARD_KERNELS},
+}
 # SIMT kernels. The general op's arguments (score modifiers, packed sequences' bounds) took the
 # largest, the global keys' dK/dV partials at 128 < D <= 256 (8 values per lane in six rows, blocks
 # of 8 warps), from 128 or fewer to 130 (sm_80) and 138 (sm_90): one such block per SM instead of
@@ -165,18 +178,17 @@ def test_no_local_memory_in_any_kernel():
 
 def test_registers_within_budget():
     for (arch, name), (registers, _, _) in _resources().items():
-        match = re.search(r"(\w+_mma_kernel)<([\w:]+), (\d+)>", name)
+        match = re.search(r"(\w+_mma_kernel)<([\w:]+), (\d+)(, true|, false)?>", name)
         if match:
-            budgets = {"__half": MMA_REGISTERS, "__nv_bfloat16": MMA_REGISTERS, "float": FLOAT_TILE_REGISTERS,
-                       TF32_TILES: TF32_TILE_REGISTERS}[match.group(2)]
+            kind = {"__half": "half", "__nv_bfloat16": "half", "float": "float", TF32_TILES: "tf32"}[match.group(2)]
+            if match.group(4) == ", true":  # the softcap instantiation of a forward kernel
+                budgets = CAPPED_FORWARD_REGISTERS[kind]
+            else:
+                budgets = {"half": MMA_REGISTERS, "float": FLOAT_TILE_REGISTERS, "tf32": TF32_TILE_REGISTERS}[kind]
             budget = budgets[match.group(1)][int(match.group(3))]
         else:
             budget = SIMT_FLOAT64_REGISTERS if "<double" in name else SIMT_REGISTERS
         assert registers <= budget, f"{name} on {arch}: {registers} registers, budget {budget}"
-
-
-# The tensor-core forward kernels: the local rows, and the global rows (gathered query tiles).
-MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forward_mma_kernel")
 
 
 def test_tiled_forward_pipelines_its_tiles_with_cp_async():
@@ -184,8 +196,8 @@ def test_tiled_forward_pipelines_its_tiles_with_cp_async():
     for arch in ARCHS:
         for kernel in MMA_FORWARD_KERNELS:
             kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
-            assert len(kernels) == 14, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3 on "
-                                        f"{arch}, found {sorted(kernels)}")
+            assert len(kernels) == 24, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3, plain, "
+                                        f"and those above 32 capped (softcap) too, on {arch}, found {sorted(kernels)}")
             for name, text in kernels.items():
                 # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -225,14 +237,15 @@ def test_float_tiles_are_exact_fp32_fma():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<float," in name}
-            assert len(found) == len(tiles), f"expected {len(tiles)} float head-dim tiles of {kernel} on {arch}"
+            expected = len(tiles) + (len(tiles) - 1 if kernel in MMA_FORWARD_KERNELS else 0)  # forwards: capped > 32
+            assert len(found) == expected, f"expected {expected} float instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert "HMMA" not in text, f"{name} on {arch} uses tensor cores"
                 assert "FFMA" in text, f"{name} on {arch} has no FFMA instruction"
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
                 assert re.search(r"LDS\.128", text), f"{name} on {arch} has no 16-byte shared load"
                 shuffles = len(re.findall(r"\bSHFL\.", text))
-                budget = FLOAT_TILE_SHUFFLES[kernel][int(re.search(r"<float, (\d+)>", name).group(1))]
+                budget = FLOAT_TILE_SHUFFLES[kernel][int(re.search(r"<float, (\d+)", name).group(1))]
                 assert shuffles <= budget, f"{name} on {arch}: {shuffles} SHFL instructions, budget {budget}"
 
 
@@ -243,7 +256,8 @@ def test_tf32_tiles_use_tensor_cores():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and f"{kernel}<{TF32_TILES}," in name}
-            assert len(found) == len(tiles), f"expected {len(tiles)} TF32 head-dim tiles of {kernel} on {arch}"
+            expected = len(tiles) + (len(tiles) - 1 if kernel in MMA_FORWARD_KERNELS else 0)  # forwards: capped > 32
+            assert len(found) == expected, f"expected {expected} TF32 instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert re.search(r"HMMA\.1688\.F32\.TF32", text), f"{name} on {arch} has no TF32 HMMA"
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"

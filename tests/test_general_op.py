@@ -142,6 +142,25 @@ def test_emulated_grouped_kv_heads_on_both_cuda_paths(dtype, path, monkeypatch):
             _check_against_oracle(case)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["mma", "simt"])
+def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
+    """softcap on the tiled CUDA forward (local rows; global rows written whole and, at N = 600,
+    split into chunks; head dims above 32) and on the SIMT one, against the oracle (the backward runs
+    on SIMT either way); with grouped KV heads (the slices of query heads), and with sinks, which
+    send the call to SIMT."""
+    load_emulation_or_skip()
+    monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
+    shapes = [(2, 2, 70, {"softcap", "lse"}, False), (4, 2, 70, {"softcap", "gqa"}, True),
+              (2, 2, 600, {"softcap"}, True), (4, 1, 90, {"softcap", "sinks", "gqa"}, False)]
+    for i, (h, h_kv, n, features, causal) in enumerate(shapes):
+        case = dict(index=i, features=features, b=2, h=h, h_kv=h_kv, nq=n, nk=n, d=40, window=(4, 2),
+                    dilation=[1, 2, 1, 3][:h], causal=causal, globals="some", projections=i % 2 == 0, padding=True,
+                    q_offset=None, dtype=dtype, head_split=True, seed=700 + i, rng=random.Random(50 + i))
+        with cuda_emulation():
+            _check_against_oracle(case)
+
+
 def _has_cuda_kernels():
     try:
         from longformer_ext import _build_info

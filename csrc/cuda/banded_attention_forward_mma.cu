@@ -14,6 +14,10 @@
 // accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment (float
 // tiles: the same steps on FMA, fma_tiles.h, P kept in fp32).
 //
+// Of the general op's arguments (docs/design.md §2.2) it takes softcap, as a second instantiation
+// (kCapped; head dims above 32: at 32 the capped kernel needs more than the 128 registers its launch
+// bounds allow), and grouped KV heads, as slices of query heads (kv_group_slices.h).
+//
 // Head dims 32, 64, 128 are compile-time tiles; any other D <= 256 runs in the next tile (32, 64,
 // 128, 256) with the missing columns zero in shared memory, so they add nothing to Q K^T and their
 // output columns are never written.
@@ -38,7 +42,7 @@ struct FwdTiles {
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool kCapped>
 __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(const AttentionParams p,
                                                                               const GlobalKeys gk,
                                                                               int64_t slots, bool vec) {
@@ -82,7 +86,8 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(con
   const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
 
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  OnlineSoftmaxRows<T, DP, kBlockK> softmax;
+  OnlineSoftmaxRows<T, DP, kBlockK, kCapped> softmax;
+  if constexpr (kCapped) softmax.set_softcap(p);
   keys.run(rows_of_thread, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
     softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
   });
@@ -107,7 +112,10 @@ int launch_forward_mma(const AttentionParams& p, const GlobalKeys& g, void* stre
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
-  auto kernel = banded_attention_forward_mma_kernel<T, DP>;
+  auto kernel = banded_attention_forward_mma_kernel<T, DP, false>;
+  if constexpr (DP > 32) {  // softcap with D <= 32 runs on SIMT (see the top)
+    if (p.softcap > 0.0) kernel = banded_attention_forward_mma_kernel<T, DP, true>;
+  }
   // DP = 128 and 256 need more than the default 48 KiB of dynamic shared memory.
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, grid, dim3(kThreads, 1, 1), static_cast<int>(Tiles::kSmemBytes), stream, p, g,
@@ -128,7 +136,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* strea
 }  // namespace
 
 bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
+  if (!p.is_longformer_only_but_softcap()) return false;  // the others run on the SIMT kernels
+  if (p.softcap > 0.0 && p.head_dim <= 32) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }

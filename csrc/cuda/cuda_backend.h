@@ -58,7 +58,7 @@ inline int64_t storage_bytes(ScalarType t) {
 // Grouped KV heads run on the tiled kernels as H / H_kv plain slices (kv_group_slices.h) where
 // those kernels take the slices; otherwise the SIMT kernels run the call as it is.
 inline bool runs_as_kv_group_slices(const AttentionCall& c, DType dtype, bool tiled, bool forward) {
-  if (!tiled || !is_grouped_heads_only(c.local)) return false;
+  if (!tiled || !can_run_as_kv_group_slices(c.local)) return false;
   const AttentionParams slice = kv_group_slice(c.local, 0, storage_bytes(c.dtype), nullptr, nullptr);
   return forward ? banded_attention_forward_mma_supports(slice, dtype)
                  : banded_attention_backward_mma_supports(slice, dtype);

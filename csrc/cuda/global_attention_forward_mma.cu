@@ -15,6 +15,8 @@
 // deterministic, no atomics. The chunk's key range comes from the tile's last (largest) row when
 // causal, so it is the same for the tile's rows and covers each row's keys.
 //
+// softcap is a second instantiation (kCapped; head dims above 32, as for the local rows).
+//
 // The grid is a capped grid-stride loop over the items, tile-major, so blocks stop at the largest
 // global count of the batch (the count lives on the device; the host knows only N).
 #include <cstdint>
@@ -41,7 +43,7 @@ struct GlobalRowTiles {
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool kCapped>
 __global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                      const SplitShape split, float* workspace,
                                                                      bool vec) {
@@ -82,7 +84,8 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const At
 
     const ThreadRows mine = gathered_rows(query_pos, query_ok, rows);
     const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
-    OnlineSoftmaxRows<T, DP, Tiles::kBlockK> softmax;
+    OnlineSoftmaxRows<T, DP, Tiles::kBlockK, kCapped> softmax;
+    if constexpr (kCapped) softmax.set_softcap(p);
     keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
       softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
     });
@@ -125,7 +128,10 @@ int launch_global_rows_mma(const AttentionParams& p, const GlobalKeys& g, const 
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * split.max_chunks;
   const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
-  auto kernel = global_rows_forward_mma_kernel<T, DP>;
+  auto kernel = global_rows_forward_mma_kernel<T, DP, false>;
+  if constexpr (DP > 32) {  // softcap with D <= 32 runs on SIMT
+    if (p.softcap > 0.0) kernel = global_rows_forward_mma_kernel<T, DP, true>;
+  }
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
                            static_cast<int>(Tiles::kSmemBytes), stream, p, g, split, static_cast<float*>(workspace),
@@ -147,7 +153,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
 }  // namespace
 
 bool global_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
+  if (!p.is_longformer_only_but_softcap()) return false;  // the others run on the SIMT kernels
+  if (p.softcap > 0.0 && p.head_dim <= 32) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }

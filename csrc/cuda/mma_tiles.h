@@ -408,13 +408,21 @@ struct ForwardShape {
 // fragments (this thread: rows g and g + 8, spread over a lane quad): the running max of the
 // scores in log2 units (x = score * scale * log2 e), this lane's part of each row's sum of
 // exp2(x - max), and the unnormalised output O = sum_j exp2(x_j - max) v_j, all in fp32.
-template <typename T, int DP, int kBlockK>
+// kCapped: the scores are capped first (docs/design.md §2.2 softcap), x = c log2 e tanh(score *
+// scale / c); a compile-time choice, so the plain kernels' hot loop is unchanged.
+template <typename T, int DP, int kBlockK, bool kCapped = false>
 struct OnlineSoftmaxRows {
   static constexpr int kNT = kBlockK / 8;  // n-tiles of S per key tile
   static constexpr int kON = DP / 8;       // n-tiles of O
   float o[kON][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
+  float cap_scale = 0.0f, cap_log2 = 0.0f;  // kCapped: scale / c and c log2 e (set_softcap)
+
+  __device__ __forceinline__ void set_softcap(const AttentionParams& p) {
+    cap_scale = static_cast<float>(p.scale / p.softcap);
+    cap_log2 = static_cast<float>(p.softcap * 1.4426950408889634);
+  }
 
   // One key tile in shared memory: S = Q K^T, masked by allowed(i, c) (-inf: exp2 gives exactly 0),
   // rescale by the new max, P = exp2(x - max) (16-bit tiles: rounded to 16 bits as the A
@@ -430,7 +438,13 @@ struct OnlineSoftmaxRows {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1, c = 8 * j + (e & 1);
-        const float x = allowed(i, c) ? s[j][e] * scale_log2 : -INFINITY;
+        float x;
+        if constexpr (kCapped) {
+          x = cap_log2 * tanhf(s[j][e] * cap_scale);
+        } else {
+          x = s[j][e] * scale_log2;
+        }
+        x = allowed(i, c) ? x : -INFINITY;
         s[j][e] = x;
         tile_max[i] = fmaxf(tile_max[i], x);
       }
