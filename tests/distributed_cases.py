@@ -10,6 +10,7 @@ import faulthandler
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -183,6 +184,17 @@ def init(rank: int, world: int, rendezvous: str, timeout_s: int = TIMEOUT_S) -> 
                             timeout=timedelta(seconds=timeout_s))
 
 
+def finish() -> None:
+    """Ends a worker once its report is written: with torch 2.13 and 2.14 a process that ran
+    functional collectives on gloo sometimes aborts in interpreter teardown after its work is done
+    (examples/sharded_char_lm_step.py), which would fail the spawn of a finished check."""
+    dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank: int, world: int, rendezvous: str, names: list, results: str) -> None:
     """Runs the named cases on this rank; writes {case: errors} to ``results``/rank<r>.json. The
     first case runs twice: its output and gradients must be bitwise equal (their digests; a fixed
@@ -194,7 +206,7 @@ def worker(rank: int, world: int, rendezvous: str, names: list, results: str) ->
     report["repeat"] = run_case(CASES[names[0]], plan_once=False)["digest"] == report[names[0]]["digest"]
     with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
         json.dump({"report": report, "cases": {n: asdict(CASES[n]) for n in names}}, f)
-    dist.destroy_process_group()
+    finish()
 
 
 def compile_worker(rank: int, world: int, rendezvous: str, results: str) -> None:
@@ -231,7 +243,7 @@ def compile_worker(rank: int, world: int, rendezvous: str, results: str) -> None
               "grad_x": (local_x.grad - full_x.grad[:, start:end]).abs().max().item()}
     with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
+    finish()
 
 
 def dtensor_worker(rank: int, world: int, rendezvous: str, results: str) -> None:
@@ -271,7 +283,7 @@ def dtensor_worker(rank: int, world: int, rendezvous: str, results: str) -> None
                            for t, leaf in zip((dq, dk, dv), leaves))}
     with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
+    finish()
 
 
 def misuse_worker(rank: int, world: int, rendezvous: str, results: str) -> None:
