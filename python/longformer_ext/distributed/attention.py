@@ -26,7 +26,6 @@ import torch
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from .. import ops
 from .._args import AttentionArgs, Dilation, Window, check_general_attention_args
 from ._partial import ScoreTerms, merge_partials, partial_attention, partial_attention_backward
 from .halo import (HaloLayout, add_returned_gradients, exchange_halo, halo_layout, return_halo_gradients,
@@ -96,10 +95,11 @@ def _key_range(lo: int, hi: int, call: _Call, left: Tensor, local: Tensor, right
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
-def _band_mask(plan: ShardPlan) -> Tensor:
-    """[B, N] keys the band kernel may read: real tokens that are not global (the global keys are
-    another piece), which also makes global and padding rows empty rows of the kernel."""
-    return plan.real & ~plan.glob
+def _band_keys(plan: ShardPlan, lo: int, hi: int) -> Tensor:
+    """[B, hi - lo] keys of positions [lo, hi) the band kernel may read: real tokens that are not
+    global (the global keys are another piece), which also makes global and padding rows empty rows
+    of the kernel. Only the range is computed: the plan's masks span the whole sequence."""
+    return (plan.real[:, lo:hi] & ~plan.glob[:, lo:hi]).contiguous()
 
 
 def _slots(x: Tensor, own: Tensor, index: Tensor) -> Tensor:
@@ -137,7 +137,7 @@ def _positions(call: _Call, device) -> Tensor:
 def _local_rows_allowed(call: _Call, q_pos: Tensor) -> Tensor:
     """[B, n, G]: which global keys each local row sees (causal: those not after it)."""
     plan = call.plan
-    rows = _band_mask(plan)[:, plan.start:plan.end]
+    rows = _band_keys(plan, plan.start, plan.end)
     allowed = rows[:, :, None] & plan.global_valid[:, None, :]
     if call.causal:
         allowed = allowed & (plan.global_positions[:, None, :] <= q_pos[:, :, None])
@@ -170,7 +170,6 @@ def _band_forward(call: _Call, q: Tensor, k: Tensor, v: Tensor, received: Tensor
     """The band kernel over this shard's rows, interior rows first (while the halo travels);
     returns (out [B, H, n, D], lse [B, H, n], the halo as unpacked)."""
     plan, args = call.plan, call.args
-    mask = _band_mask(plan)
     band, halo = {}, None
     for needs_halo, u, w, lo, hi in sorted(call.segments(), key=lambda seg: seg[0]):
         if needs_halo and halo is None:
@@ -178,7 +177,7 @@ def _band_forward(call: _Call, q: Tensor, k: Tensor, v: Tensor, received: Tensor
         left_k, left_v, right_k, right_v = halo if halo is not None else (None,) * 4
         band[u] = _ops.banded_attn(
             q[:, :, u - plan.start:w - plan.start], _key_range(lo, hi, call, left_k, k, right_k),
-            _key_range(lo, hi, call, left_v, v, right_v), *call.kernel_args, mask[:, lo:hi].contiguous(), None,
+            _key_range(lo, hi, call, left_v, v, right_v), *call.kernel_args, _band_keys(plan, lo, hi), None,
             call.causal, args.scale, None, None, None, torch.backends.cuda.matmul.allow_tf32, u - lo, None,
             args.softcap or 0.0, alibi_slopes, sinks)
     if halo is None:
@@ -246,14 +245,13 @@ class _ShardedAttention(torch.autograd.Function):
             grad_lse = None
         own, index = plan.owned_slots()
         if call.has_globals:  # B1: the global rows' output gradients, from their owners to every rank
-            grad_rows_in = [_slots(grad_out.to(acc), own, index)]
+            grad_rows_in = [_slots(grad_out, own, index).to(acc)]  # the G rows only, then converted
             if grad_lse is not None:
-                grad_rows_in.append(_slots(grad_lse[..., None].to(acc), own, index))
+                grad_rows_in.append(_slots(grad_lse[..., None], own, index).to(acc))
             grad_rows = funcol.all_reduce(torch.cat(grad_rows_in, dim=-1).contiguous(), "sum", plan.group)
 
         # local rows: the band (rows next to a halo first), their halo gradients sent back meanwhile
-        mask = _band_mask(plan)
-        local_rows = mask[:, plan.start:plan.end][:, None, :, None]
+        local_rows = _band_keys(plan, plan.start, plan.end)[:, None, :, None]
         grad_local = torch.where(local_rows, grad_out, 0).contiguous()
         out_local = torch.where(local_rows, out, 0)
         grad_lse_local = None if grad_lse is None else torch.where(local_rows[..., 0], grad_lse, 0).contiguous()
@@ -269,7 +267,7 @@ class _ShardedAttention(torch.autograd.Function):
             seg_dq, seg_dk, seg_dv, _, _, _, seg_dsinks = _ops.banded_attn_backward(
                 grad_local[:, :, rows], q[:, :, rows], _key_range(lo, hi, call, left_k, k, right_k),
                 _key_range(lo, hi, call, left_v, v, right_v), out_local[:, :, rows], lse[:, :, rows],
-                *call.kernel_args, mask[:, lo:hi].contiguous(), None, call.causal, args.scale, None, None, None,
+                *call.kernel_args, _band_keys(plan, lo, hi), None, call.causal, args.scale, None, None, None,
                 torch.backends.cuda.matmul.allow_tf32, u - lo, None, args.softcap or 0.0, alibi_slopes, sinks,
                 None if grad_lse_local is None else grad_lse_local[:, :, rows])
             dq[:, :, rows] += seg_dq.to(acc)
