@@ -147,16 +147,37 @@ MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forwa
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
-# The softcap instantiations of the tiled forwards (kCapped: tanh of every score before the
-# softmax), head dims above 32 only (the D = 32 tile, under launch bounds of 128 registers, would
-# spill: softcap with D <= 32 runs on SIMT). nvcc 13.0, sm_80 and sm_90: 16-bit 167-168 at D = 64
-# (3 blocks per SM, as the plain kernels), 247-254 at 128 (2, as the plain ones), 255 at 256;
-# float 162-168, and 190 for the global rows at D = 128 on sm_80 (2 blocks instead of 3); TF32
-# 143-160.
-CAPPED_FORWARD_REGISTERS = {
-    "half": {kernel: {64: 176, 128: 255, 256: 255} for kernel in MMA_FORWARD_KERNELS},
-    "float": {kernel: {64: 168, 128: 192} for kernel in MMA_FORWARD_KERNELS},
-    "tf32": {kernel: {64: 168, 128: 168} for kernel in MMA_FORWARD_KERNELS},
+# The general op's instantiations of the tiled kernels (kGeneral, head dims above 32 only; general
+# calls with D <= 32 run on SIMT): the local rows' forward and backward take every argument but
+# grouped KV heads (slices of plain calls), the global rows' forward softcap only. Score modifiers
+# per element (tanh, ALiBi distance from the staged key positions), each row's sequence bounds and a
+# sink cost registers; these instantiations ask for one resident block in their launch bounds
+# (with none, ptxas held the 16-bit forwards at 168 and spilled 16-24 bytes). nvcc 13.0, sm_80 and
+# sm_90, blocks per SM by the 64K-register file: 16-bit forwards 195-205 at D = 64 (2 blocks, the
+# plain ones 3), 243-253 at 128 and 220-235 at 256 (as the plain ones); dQ 248-251 and 224-226, dK/dV
+# (32 query rows per tile at D = 64) 237-238 and 247-248, the global keys' dK/dV 237-245 and
+# 247-251 (2 blocks, as the plain ones). Float: forwards 159-168 and 171-184, dQ 208 and 192-208,
+# dK/dV 186-190 and 247-252. TF32: forwards 147-167, dQ 168-180, dK/dV 183-192 and 239-254.
+GENERAL_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_keys_dkdv_mma_kernel")
+GENERAL_KERNELS = MMA_FORWARD_KERNELS + GENERAL_BACKWARD_KERNELS
+GENERAL_REGISTERS = {
+    "half": {"banded_attention_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
+             "global_rows_forward_mma_kernel": {64: 208, 128: 248, 256: 232},
+             "local_dq_mma_kernel": {64: 255, 128: 232},
+             "local_dkdv_mma_kernel": {64: 240, 128: 255},
+             "global_keys_dkdv_mma_kernel": {64: 248, 128: 255}},
+    "float": {**{kernel: {64: 168, 128: 192} for kernel in MMA_FORWARD_KERNELS},
+              "local_dq_mma_kernel": {64: 216, 128: 216},
+              **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
+    "tf32": {**{kernel: {64: 168, 128: 168} for kernel in MMA_FORWARD_KERNELS},
+             "local_dq_mma_kernel": {64: 168, 128: 192},
+             **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
+}
+# Their float instantiations' SHFL count (as FLOAT_TILE_SHUFFLES): the compiler unrolls their loops
+# differently, sm_90 up to 148 in the forward at D = 64 and 116 in dQ.
+GENERAL_FLOAT_TILE_SHUFFLES = {
+    **{kernel: {64: 160, 128: 112} for kernel in MMA_FORWARD_KERNELS},
+    **{kernel: {64: 128, 128: 96} for kernel in GENERAL_BACKWARD_KERNELS},
 }
 # SIMT kernels. The general op's arguments (score modifiers, packed sequences' bounds) took the
 # largest, the global keys' dK/dV partials at 128 < D <= 256 (8 values per lane in six rows, blocks
@@ -181,8 +202,8 @@ def test_registers_within_budget():
         match = re.search(r"(\w+_mma_kernel)<([\w:]+), (\d+)(, true|, false)?>", name)
         if match:
             kind = {"__half": "half", "__nv_bfloat16": "half", "float": "float", TF32_TILES: "tf32"}[match.group(2)]
-            if match.group(4) == ", true":  # the softcap instantiation of a forward kernel
-                budgets = CAPPED_FORWARD_REGISTERS[kind]
+            if match.group(4) == ", true":  # the general op's instantiation
+                budgets = GENERAL_REGISTERS[kind]
             else:
                 budgets = {"half": MMA_REGISTERS, "float": FLOAT_TILE_REGISTERS, "tf32": TF32_TILE_REGISTERS}[kind]
             budget = budgets[match.group(1)][int(match.group(3))]
@@ -197,7 +218,7 @@ def test_tiled_forward_pipelines_its_tiles_with_cp_async():
         for kernel in MMA_FORWARD_KERNELS:
             kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
             assert len(kernels) == 24, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3, plain, "
-                                        f"and those above 32 capped (softcap) too, on {arch}, found {sorted(kernels)}")
+                                        f"and those above 32 general too, on {arch}, found {sorted(kernels)}")
             for name, text in kernels.items():
                 # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -222,7 +243,9 @@ def test_half_backward_uses_tensor_cores_and_no_shuffles():
         for kernel in MMA_BACKWARD_KERNELS:
             found = {name: text for (a, name), text in sass.items()
                      if a == arch and re.search(kernel + r"<(__half|__nv_bfloat16),", name)}
-            assert len(found) == 6, f"expected 2 dtypes x 3 head-dim tiles of {kernel} on {arch}, found {sorted(found)}"
+            expected = 10 if kernel in GENERAL_BACKWARD_KERNELS else 6  # general: head-dim tiles 64, 128
+            assert len(found) == expected, (f"expected 2 dtypes x 3 head-dim tiles of {kernel} (and x 2 general) on "
+                                            f"{arch}, found {sorted(found)}")
             for name, text in found.items():
                 assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -237,7 +260,7 @@ def test_float_tiles_are_exact_fp32_fma():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<float," in name}
-            expected = len(tiles) + (len(tiles) - 1 if kernel in MMA_FORWARD_KERNELS else 0)  # forwards: capped > 32
+            expected = len(tiles) + (len(tiles) - 1 if kernel in GENERAL_KERNELS else 0)  # general: D > 32
             assert len(found) == expected, f"expected {expected} float instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert "HMMA" not in text, f"{name} on {arch} uses tensor cores"
@@ -245,7 +268,8 @@ def test_float_tiles_are_exact_fp32_fma():
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
                 assert re.search(r"LDS\.128", text), f"{name} on {arch} has no 16-byte shared load"
                 shuffles = len(re.findall(r"\bSHFL\.", text))
-                budget = FLOAT_TILE_SHUFFLES[kernel][int(re.search(r"<float, (\d+)", name).group(1))]
+                budgets = GENERAL_FLOAT_TILE_SHUFFLES if ", true>" in name else FLOAT_TILE_SHUFFLES
+                budget = budgets[kernel][int(re.search(r"<float, (\d+)", name).group(1))]
                 assert shuffles <= budget, f"{name} on {arch}: {shuffles} SHFL instructions, budget {budget}"
 
 
@@ -256,7 +280,7 @@ def test_tf32_tiles_use_tensor_cores():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and f"{kernel}<{TF32_TILES}," in name}
-            expected = len(tiles) + (len(tiles) - 1 if kernel in MMA_FORWARD_KERNELS else 0)  # forwards: capped > 32
+            expected = len(tiles) + (len(tiles) - 1 if kernel in GENERAL_KERNELS else 0)  # general: D > 32
             assert len(found) == expected, f"expected {expected} TF32 instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert re.search(r"HMMA\.1688\.F32\.TF32", text), f"{name} on {arch} has no TF32 HMMA"

@@ -146,9 +146,9 @@ def test_emulated_grouped_kv_heads_on_both_cuda_paths(dtype, path, monkeypatch):
 @pytest.mark.parametrize("path", ["mma", "simt"])
 def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
     """softcap on the tiled CUDA forward (local rows; global rows written whole and, at N = 600,
-    split into chunks; head dims above 32) and on the SIMT one, against the oracle (the backward runs
-    on SIMT either way); with grouped KV heads (the slices of query heads), and with sinks, which
-    send the call to SIMT."""
+    split into chunks; head dims above 32) and on the SIMT one, against the oracle (the backward on
+    the default path); with grouped KV heads (the slices of query heads), and with sinks, which
+    send a grouped call to SIMT."""
     load_emulation_or_skip()
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
     shapes = [(2, 2, 70, {"softcap", "lse"}, False), (4, 2, 70, {"softcap", "gqa"}, True),
@@ -159,6 +159,46 @@ def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
                     q_offset=None, dtype=dtype, head_split=True, seed=700 + i, rng=random.Random(50 + i))
         with cuda_emulation():
             _check_against_oracle(case)
+
+
+# The general op on the tiled CUDA kernels (head dims above 32): each argument, alone and combined,
+# forward and backward, with dilation, causal windows, global tokens and padding.
+TILED_GENERAL_CASES = [
+    # features, batch, heads / KV heads, Nq / Nk, window, causal, dilation
+    ({"q_offset"}, 2, (4, 4), (60, 150), (6, 3), False, [1, 2, 3, 1]),
+    ({"q_offset", "gqa", "lse"}, 2, (4, 2), (70, 150), (9, 0), True, [1, 2, 1, 3]),
+    ({"cu_seqlens"}, 1, (4, 4), (150, 150), (7, 5), False, [1, 3, 2, 1]),
+    ({"cu_seqlens", "gqa", "softcap"}, 1, (4, 1), (150, 150), (12, 0), True, [2, 1, 1, 3]),
+    ({"softcap", "alibi", "lse"}, 2, (4, 4), (90, 90), (5, 8), False, [1, 2, 1, 2]),
+    ({"sinks", "alibi"}, 2, (4, 4), (90, 90), (10, 0), True, [3, 1, 2, 1]),
+    ({"sinks", "q_offset", "softcap"}, 2, (4, 4), (33, 120), (200, 3), False, [1, 1, 2, 2]),
+    ({"cu_seqlens", "softcap", "alibi", "sinks", "lse"}, 1, (4, 4), (160, 160), (16, 16), False, [1, 2, 3, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("index", range(len(TILED_GENERAL_CASES)))
+def test_emulated_general_op_on_the_tiled_cuda_kernels(index, dtype, monkeypatch):
+    """Every general argument on the tiled CUDA kernels (csrc/cuda/*_mma.cu, their kGeneral
+    instantiations) and on the SIMT ones, forward and backward, against the oracle. In bfloat16 the
+    two paths must also differ bitwise (the tiled kernels round P to 16 bits), which shows the
+    tiled kernels ran rather than declining the call to SIMT."""
+    load_emulation_or_skip()
+    features, b, (h, h_kv), (nq, nk), window, causal, dilation = TILED_GENERAL_CASES[index]
+    results = {}
+    for path in ("mma", "simt"):
+        monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
+        monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", path)
+        case = dict(index=index, features=features, b=b, h=h, h_kv=h_kv, nq=nq, nk=nk, d=40, window=window,
+                    dilation=dilation, causal=causal, globals="some", projections=index % 2 == 1, padding=True,
+                    q_offset="explicit" if "q_offset" in features and index % 2 == 0 else None, dtype=dtype,
+                    head_split=index % 3 == 0, seed=900 + index, rng=random.Random(90 + index))
+        with cuda_emulation():
+            results[path] = _check_against_oracle(case)
+    if dtype == torch.bfloat16:
+        (out_mma, grads_mma), (out_simt, grads_simt) = results["mma"], results["simt"]
+        assert not torch.equal(out_mma, out_simt), "the tiled forward did not run"
+        assert not torch.equal(grads_mma[0], grads_simt[0]), "the tiled backward did not run"
 
 
 def _has_cuda_kernels():
@@ -218,6 +258,7 @@ def _check_against_oracle(case, device="cpu"):
             max(1.0, (q.shape[0] * q.shape[2]) ** 0.5) if name == "sinks" else 1.0)
         err = (g.double() - eg).abs().max().item() if eg.numel() else 0.0
         assert err <= tol * (1 + eg.abs().max().item()), f"grad {name}: max abs error {err:.3e} ({dtype})"
+    return out, grads
 
 
 # ---------------------------------------------------------------------------------------------

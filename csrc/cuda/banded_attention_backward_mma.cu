@@ -20,6 +20,14 @@
 //   dV += P^T dO and dK += dS^T Q.
 // Masked pairs are a select to 0 (never 0 * x), and excluded rows are zero in shared memory, so NaN
 // in padding rows cannot reach a result.
+//
+// The general op's arguments (docs/design.md §2.2) run in a second instantiation of each kernel
+// (kGeneral; head dims above 32), as in the forward: the dQ kernel's blocks take the query rows
+// [q_offset, q_offset + Nq) and the query tiles of the dK/dV kernels only those rows; a pair sees
+// only its own packed sequence (cu_seqlens); P goes through softcap and ALiBi
+// (mma_tiles::TileModifiers) and dS takes the softcap's derivative. Sinks change nothing here: the
+// lse holds them, and their gradient comes from delta afterwards (sinks_backward). Grouped KV heads
+// run as slices of query heads (kv_group_slices.h).
 #include <cstdint>
 
 #include "backward_split.h"
@@ -46,13 +54,13 @@ __device__ __forceinline__ void stage_block_rows(const AttentionParams& p, const
   cp_async_commit();
 }
 
-template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T) local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) local_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                               const float* delta, int64_t slots, bool vec) {
-  using S = BwdTiles<T, DP, false>;
+  using S = BwdTiles<T, DP, false, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
   constexpr int kBlockK = S::kBlockK;
-  const BlockRows w = decode_block(p, slots);
+  const BlockRows w = decode_block(p, slots, query_rows(p));
   if (!w.valid) return;
   const int64_t N = p.seqlen, D = p.head_dim;
 
@@ -85,18 +93,28 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) local_dq_mma_kernel(const AttentionPara
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dq[DP / 8][4] = {};
 
-  keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
-    accumulate_dq_tile<T, DP, kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
-  });
+  if constexpr (kGeneral) {
+    const TileModifiers mods(p, w.h);
+    const RowPositions positions{{row_pos[0], row_pos[1]}};
+    const int t = lane & 3;
+    keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int stage, auto allowed) {
+      accumulate_dq_tile<T, DP, kBlockK, true>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane,
+                                               mods, positions, keys.key_pos(stage) + 2 * t);
+    });
+  } else {
+    keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
+      accumulate_dq_tile<T, DP, kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
+    });
+  }
   store_rows<T, DP>(dq, p.grad_q, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
 }
 
-template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T) local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) local_dkdv_mma_kernel(const AttentionParams p, const float* delta,
                                                                 int64_t slots, bool vec) {
-  using S = BwdTiles<T, DP, true>;
+  using S = BwdTiles<T, DP, true, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
-  const BlockRows w = decode_block(p, slots);
+  const BlockRows w = decode_block(p, slots, key_rows(p));
   if (!w.valid) return;
   const int64_t D = p.head_dim;
 
@@ -127,9 +145,18 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) local_dkdv_mma_kernel(const AttentionPa
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-    accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-  });
+  if constexpr (kGeneral) {
+    const TileModifiers mods(p, w.h);
+    const RowPositions positions{{row_pos[0], row_pos[1]}};
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
+                                        positions);
+    });
+  } else {
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
+    });
+  }
   store_rows<T, DP>(dk, p.grad_k, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
   store_rows<T, DP>(dv, p.grad_v, w.b, w.h, row_pos, row_ok, D, 1.0f, false, lane);
 }
@@ -139,11 +166,11 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) local_dkdv_mma_kernel(const AttentionPa
 // local queries as band tiles of the undilated sequence whose window reaches every query (only
 // those at or after the key when causal), and writes the chunk's partials for the SIMT combine
 // kernel of banded_attention_backward.cu. Items are ordered tile-major over a capped grid.
-template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T) global_keys_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_keys_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                   const float* delta, float* partials,
                                                                   int64_t max_chunks, bool vec) {
-  using S = BwdTiles<T, DP, true>;
+  using S = BwdTiles<T, DP, true, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim, BH = p.batch * p.heads;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
@@ -192,9 +219,18 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_keys_dkdv_mma_kernel(const Atten
     const OperandFragments<T, DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
     const OperandFragments<T, DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
     float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-    queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-    });
+    if constexpr (kGeneral) {
+      const TileModifiers mods(p, h);
+      const RowPositions positions{{mine.pos[0], mine.pos[1]}};
+      queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+        accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
+                                          positions);
+      });
+    } else {
+      queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+        accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
+      });
+    }
 
     // The chunk's partial of each key of the tile: dK (times scale), then dV; zeros for a key that
     // is not global (its rows were not staged).
@@ -217,37 +253,57 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_keys_dkdv_mma_kernel(const Atten
   }
 }
 
+// Both kernels index the query rows and delta by position (indexed_by_position): the dQ kernel's
+// blocks take the query rows, the dK/dV kernel's the keys.
 template <typename T, int DP>
-int launch_local_backward_mma(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
-  const int64_t slots = slots_per_head(p);
-  dim3 grid;
-  if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
-  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
+int launch_local_backward_mma(const AttentionParams& call, const GlobalKeys& g, const float* call_delta,
+                              void* stream) {
+  const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
+  const float* delta = call_delta - call.q_offset;
+  const int64_t dq_slots = slots_per_head(p, query_rows(p)), dkdv_slots = slots_per_head(p, key_rows(p));
+  dim3 dq_grid, dkdv_grid;
+  if (!grid_for_blocks(p.batch * p.heads * dq_slots, dq_grid) ||
+      !grid_for_blocks(p.batch * p.heads * dkdv_slots, dkdv_grid))
+    return 1;  // cudaErrorInvalidValue: too many blocks
+  const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto dq = local_dq_mma_kernel<T, DP>;
-  auto dkdv = local_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kDqBytes = BwdTiles<T, DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if (const int err = allow_shared_bytes(dq, kDqBytes)) return err;
-  if (const int err = allow_shared_bytes(dkdv, kDkdvBytes)) return err;
-  if (const int err = LONGFORMER_LAUNCH(dq, grid, dim3(kThreads, 1, 1), static_cast<int>(kDqBytes), stream, p, g,
-                                        delta, slots, vec))
+  auto dq = local_dq_mma_kernel<T, DP, false>;
+  auto dkdv = local_dkdv_mma_kernel<T, DP, false>;
+  int64_t dq_bytes = BwdTiles<T, DP, false>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true>::kSmemBytes;
+  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (banded_attention_backward_mma_supports)
+    if (!p.is_longformer_only()) {
+      dq = local_dq_mma_kernel<T, DP, true>, dkdv = local_dkdv_mma_kernel<T, DP, true>;
+      dq_bytes = BwdTiles<T, DP, false, true>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
+    }
+  }
+  if (const int err = allow_shared_bytes(dq, dq_bytes)) return err;
+  if (const int err = allow_shared_bytes(dkdv, dkdv_bytes)) return err;
+  if (const int err = LONGFORMER_LAUNCH(dq, dq_grid, dim3(kThreads, 1, 1), static_cast<int>(dq_bytes), stream, p, g,
+                                        delta, dq_slots, vec))
     return err;
-  return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), static_cast<int>(kDkdvBytes), stream, p, delta, slots,
-                           vec);
+  return LONGFORMER_LAUNCH(dkdv, dkdv_grid, dim3(kThreads, 1, 1), static_cast<int>(dkdv_bytes), stream, p, delta,
+                           dkdv_slots, vec);
 }
 
 template <typename T, int DP>
-int launch_global_keys_mma(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
+int launch_global_keys_mma(const AttentionParams& call, const GlobalKeys& g, void* workspace, void* stream) {
+  const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
   const int64_t max_chunks = max_i64(ceil_div(p.seqlen, kChunkRows), 1);
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * max_chunks;
-  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
+  const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto kernel = global_keys_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kBytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if (const int err = allow_shared_bytes(kernel, kBytes)) return err;
+  auto kernel = global_keys_dkdv_mma_kernel<T, DP, false>;
+  int64_t bytes = BwdTiles<T, DP, true>::kSmemBytes;
+  if constexpr (DP > 32) {
+    if (!p.is_longformer_only()) {
+      kernel = global_keys_dkdv_mma_kernel<T, DP, true>;
+      bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
+    }
+  }
+  if (const int err = allow_shared_bytes(kernel, bytes)) return err;
   // A prime number of blocks, fewer than items where there are many: see global_split.h.
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
-                           static_cast<int>(kBytes), stream, p, g, delta_of<float>(workspace),
+                           static_cast<int>(bytes), stream, p, g, delta_of<float>(workspace) - call.q_offset,
                            partials_of<float>(p, workspace), max_chunks, vec);
 }
 
@@ -270,7 +326,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
+  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
+  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }

@@ -14,9 +14,12 @@
 // accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment (float
 // tiles: the same steps on FMA, fma_tiles.h, P kept in fp32).
 //
-// Of the general op's arguments (docs/design.md §2.2) it takes softcap, as a second instantiation
-// (kCapped; head dims above 32: at 32 the capped kernel needs more than the 128 registers its launch
-// bounds allow), and grouped KV heads, as slices of query heads (kv_group_slices.h).
+// The general op's arguments (docs/design.md §2.2) run in a second instantiation (kGeneral; head
+// dims above 32: at 32 it needs more registers than the plain kernel's budget): the blocks take
+// the query rows [q_offset, q_offset + Nq) (mma_tiles.h: decode_block, indexed_by_position), a row
+// sees only keys of its own packed sequence (cu_seqlens), the scores go through softcap and ALiBi
+// (TileModifiers) and a sink's logit joins each row's denominator. Grouped KV heads run as slices
+// of query heads (kv_group_slices.h).
 //
 // Head dims 32, 64, 128 are compile-time tiles; any other D <= 256 runs in the next tile (32, 64,
 // 128, 256) with the missing columns zero in shared memory, so they add nothing to Q K^T and their
@@ -31,27 +34,27 @@ namespace {
 using namespace mma_tiles;
 
 // Compile-time shape of one instantiation; DP is the padded head dim.
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 struct FwdTiles {
   static constexpr int kBlockK = ForwardShape<T, DP>::kBlockK;
   static constexpr bool kQInRegisters = ForwardShape<T, DP>::kQInRegisters;
-  using Keys = KeyTilePipeline<T, DP, kBlockK>;
+  using Keys = KeyTilePipeline<T, DP, kBlockK, false, kGeneral>;
   // Layout: key tile pipeline | Q | query flags.
   static constexpr int64_t kQOffset = Keys::kBytes;
   static constexpr int64_t kQueryOkOffset = kQOffset + Rows<T, DP>::bytes(kBlockRows);
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
-template <typename T, int DP, bool kCapped>
-__global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(const AttentionParams p,
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) banded_attention_forward_mma_kernel(const AttentionParams p,
                                                                               const GlobalKeys gk,
                                                                               int64_t slots, bool vec) {
-  using Tiles = FwdTiles<T, DP>;
+  using Tiles = FwdTiles<T, DP, kGeneral>;
   constexpr int kBlockK = Tiles::kBlockK;
   constexpr int kPitch = Rows<T, DP>::kPitch;
 
   // ---- which (b, h, r, tile) this block owns
-  const BlockRows w = decode_block(p, slots);
+  const BlockRows w = decode_block(p, slots, query_rows(p));
   if (!w.valid) return;
   const int64_t N = p.seqlen, D = p.head_dim;
   const int64_t b = w.b, h = w.h, d = w.d, r = w.r, L = w.L, s0 = w.s0;
@@ -86,12 +89,20 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(con
   const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
 
   const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
-  OnlineSoftmaxRows<T, DP, kBlockK, kCapped> softmax;
-  if constexpr (kCapped) softmax.set_softcap(p);
-  keys.run(rows_of_thread, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
-    softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
-  });
-  softmax.finish();
+  OnlineSoftmaxRows<T, DP, kBlockK, kGeneral> softmax;
+  if constexpr (kGeneral) {
+    const TileModifiers mods(p, h);
+    const RowPositions positions{{rows_of_thread.pos[0], rows_of_thread.pos[1]}};
+    keys.run(rows_of_thread, [&](const TileElem<T>* sK, const TileElem<T>* sV, int stage, auto allowed) {
+      softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane, mods, positions, keys.key_pos(stage) + 2 * t);
+    });
+    softmax.finish(p.sinks ? static_cast<const float*>(p.sinks)[h] * 1.4426950408889634f : -INFINITY);
+  } else {
+    keys.run(rows_of_thread, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
+      softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
+    });
+    softmax.finish();
+  }
 
   // ---- write the local rows that saw a key
   TileElem<T>* out_base = static_cast<TileElem<T>*>(p.out.data);
@@ -105,16 +116,18 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) banded_attention_forward_mma_kernel(con
 }
 
 template <typename T, int DP>
-int launch_forward_mma(const AttentionParams& p, const GlobalKeys& g, void* stream) {
-  using Tiles = FwdTiles<T, DP>;
-  const int64_t slots = slots_per_head(p);
+int launch_forward_mma(const AttentionParams& call, const GlobalKeys& g, void* stream) {
+  static_assert(FwdTiles<T, DP, false>::kSmemBytes == FwdTiles<T, DP, true>::kSmemBytes, "one size for both");
+  using Tiles = FwdTiles<T, DP, false>;
+  const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
+  const int64_t slots = slots_per_head(p, query_rows(p));
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
-  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
+  const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
   auto kernel = banded_attention_forward_mma_kernel<T, DP, false>;
-  if constexpr (DP > 32) {  // softcap with D <= 32 runs on SIMT (see the top)
-    if (p.softcap > 0.0) kernel = banded_attention_forward_mma_kernel<T, DP, true>;
+  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (see the top)
+    if (!p.is_longformer_only()) kernel = banded_attention_forward_mma_kernel<T, DP, true>;
   }
   // DP = 128 and 256 need more than the default 48 KiB of dynamic shared memory.
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
@@ -136,8 +149,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* strea
 }  // namespace
 
 bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only_but_softcap()) return false;  // the others run on the SIMT kernels
-  if (p.softcap > 0.0 && p.head_dim <= 32) return false;
+  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
+  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }

@@ -26,7 +26,7 @@ namespace {
 using namespace mma_tiles;
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T) global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                            const SplitShape split, const float* delta,
                                                            float* partials, bool vec) {
   using S = BwdTiles<T, DP, false>;
@@ -98,7 +98,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_dq_mma_kernel(const AttentionPar
 }
 
 template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T) global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+__global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                              const float* delta, bool accumulate, bool vec) {
   using S = BwdTiles<T, DP, true>;
   constexpr int kPitch = Rows<T, DP>::kPitch;

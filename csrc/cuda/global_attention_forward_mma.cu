@@ -15,7 +15,8 @@
 // deterministic, no atomics. The chunk's key range comes from the tile's last (largest) row when
 // causal, so it is the same for the tile's rows and covers each row's keys.
 //
-// softcap is a second instantiation (kCapped; head dims above 32, as for the local rows).
+// softcap is a second instantiation (kGeneral, mma_tiles::TileModifiers; head dims above 32, as for
+// the local rows); the general op's other arguments run on SIMT.
 //
 // The grid is a capped grid-stride loop over the items, tile-major, so blocks stop at the largest
 // global count of the batch (the count lives on the device; the host knows only N).
@@ -43,8 +44,8 @@ struct GlobalRowTiles {
   static constexpr int64_t kSmemBytes = kQueryOkOffset + kBlockRows;
 };
 
-template <typename T, int DP, bool kCapped>
-__global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                      const SplitShape split, float* workspace,
                                                                      bool vec) {
   using Tiles = GlobalRowTiles<T, DP>;
@@ -84,11 +85,18 @@ __global__ void LONGFORMER_MMA_BOUNDS(T) global_rows_forward_mma_kernel(const At
 
     const ThreadRows mine = gathered_rows(query_pos, query_ok, rows);
     const OperandFragments<T, DP, Tiles::kQInRegisters> q_fragment(sQ + warp * 16 * kPitch, lane);
-    OnlineSoftmaxRows<T, DP, Tiles::kBlockK, kCapped> softmax;
-    if constexpr (kCapped) softmax.set_softcap(p);
-    keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
-      softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
-    });
+    OnlineSoftmaxRows<T, DP, Tiles::kBlockK, kGeneral> softmax;
+    if constexpr (kGeneral) {
+      const TileModifiers mods(p, h);
+      const RowPositions positions{{mine.pos[0], mine.pos[1]}};
+      keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int stage, auto allowed) {
+        softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane, mods, positions, keys.key_pos(stage) + 2 * t);
+      });
+    } else {
+      keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
+        softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
+      });
+    }
     softmax.finish();
 
     // ---- the rows (one chunk) or their partials

@@ -11,11 +11,11 @@
 
 namespace longformer::cuda {
 
-// Grouped KV heads and of the general op's other arguments at most softcap (a scalar, the same in
-// every slice; sinks are per head): the calls that run as slices where the tiled kernels take them.
+// Grouped KV heads, with any of the general op's arguments that every slice shares (q_offset,
+// cu_seqlens, softcap; not the per-head alibi_slopes and sinks, and the sinks' gradient needs every
+// row's delta at once): the calls that run as slices where the tiled kernels take them.
 inline bool can_run_as_kv_group_slices(const AttentionParams& p) {
-  return p.heads_kv != p.heads && p.queries == p.seqlen && p.cu_seqlens == nullptr && p.alibi_slopes == nullptr &&
-         p.sinks == nullptr;
+  return p.heads_kv != p.heads && p.alibi_slopes == nullptr && p.sinks == nullptr;
 }
 
 // Heads g, g + group, ... of a [B, H, N, D] operand (data null stays null).

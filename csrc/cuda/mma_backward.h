@@ -14,7 +14,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Compile-time shape of one head-dim tile, and the shared memory of a block: the tile pipeline
 // (key tiles for dQ, query tiles for dK/dV), then the block's own 64 rows of two operands (dQ: q
 // and grad_out; dK/dV: k and v), their flags and their positions.
-template <typename T, int DP, bool kQueryTiles>
+template <typename T, int DP, bool kQueryTiles, bool kGeneral = false>
 struct BwdTiles {
   static_assert(DP == 32 || DP == 64 || DP == 128, "the tiled backward takes head dims up to 128");
   // 16-bit tiles: up to D = 64 the block's two operands live in registers as A fragments and
@@ -25,10 +25,12 @@ struct BwdTiles {
   // KiB of shared memory per block up to DP = 64, 100 KiB at 128, which only GPUs that allow a
   // block more than 99 KiB run (sm_80, sm_90; see float_backward_fits).
   static constexpr int kFloatRows = DP == 128 || (DP == 64 && kQueryTiles) ? 16 : 32;
-  static constexpr int kHalfRows = DP <= 64 ? 64 : (kQueryTiles ? 16 : 32);
+  // The general op's dK/dV kernels (kGeneral: score modifiers per element, each row's sequence)
+  // take 32 rows at DP = 64 (with 64, ptxas spilled 48-56 bytes).
+  static constexpr int kHalfRows = DP <= 64 ? (kQueryTiles && kGeneral ? 32 : 64) : (kQueryTiles ? 16 : 32);
   static constexpr int kBlockK = kFloatTiles<T> ? kFloatRows : kHalfRows;
   static constexpr bool kOperandsInRegisters = DP <= 64;
-  using Tiles = KeyTilePipeline<T, DP, kBlockK, kQueryTiles>;
+  using Tiles = KeyTilePipeline<T, DP, kBlockK, kQueryTiles, kGeneral>;
   static constexpr int64_t kAOffset = Tiles::kBytes;
   static constexpr int64_t kBOffset = kAOffset + Rows<T, DP>::bytes(kBlockRows);
   static constexpr int64_t kRowPosOffset = kBOffset + Rows<T, DP>::bytes(kBlockRows);
@@ -38,12 +40,17 @@ struct BwdTiles {
 
 // One key tile of a dQ kernel (a warp's 16 query rows, fragments qf of Q and dof of dO): S = Q K^T,
 // dP = dO V^T, P = exp2(S scale log2e - lse log2e) where allowed (else 0: never 0 * x),
-// dS = P (dP - delta), dQ += dS K. lse_log2 / row_delta are this thread's two rows'.
-template <typename T, int DP, int kBlockK, typename Fragments, typename Allowed>
+// dS = P (dP - delta), dQ += dS K. lse_log2 / row_delta are this thread's two rows'. kGeneral: the
+// scores go through `mods` (TileModifiers: the rows' positions `rows`, the tile's key positions
+// from this lane's first column `lane_keys`) and dS takes the softcap's derivative, so that it is
+// the gradient of the scaled score.
+template <typename T, int DP, int kBlockK, bool kGeneral = false, typename Fragments, typename Allowed>
 __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const Fragments& qf, const Fragments& dof,
                                                    const TileElem<T>* sK, const TileElem<T>* sV,
                                                    const float (&lse_log2)[2], const float (&row_delta)[2],
-                                                   float scale_log2, Allowed&& allowed, int lane) {
+                                                   float scale_log2, Allowed&& allowed, int lane,
+                                                   TileModifiers mods = {}, RowPositions rows = {},
+                                                   const int64_t* lane_keys = nullptr) {
   constexpr int kNT = kBlockK / 8;
   float s[kNT][4] = {}, dp[kNT][4] = {};
   warp_times_rows_transposed<T, DP, kNT>(s, qf, sK, lane);
@@ -53,8 +60,15 @@ __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = e >> 1, c = 8 * j + (e & 1);
-      const float pv = allowed(i, c) ? exp2f(s[j][e] * scale_log2 - lse_log2[i]) : 0.0f;
-      s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
+      if constexpr (kGeneral) {
+        float t;
+        const float x = mods.log2_score(s[j][e], rows.pos[i], lane_keys[c], t);
+        const float pv = allowed(i, c) ? exp2f(x - lse_log2[i]) : 0.0f;
+        s[j][e] = pv * (dp[j][e] - row_delta[i]) * (mods.capped ? 1.0f - t * t : 1.0f);  // dS
+      } else {
+        const float pv = allowed(i, c) ? exp2f(s[j][e] * scale_log2 - lse_log2[i]) : 0.0f;
+        s[j][e] = pv * (dp[j][e] - row_delta[i]);  // dS
+      }
     }
   }
   warp_accumulate_rows<T, DP, kBlockK>(dq, s, sK, lane);
@@ -62,12 +76,14 @@ __device__ __forceinline__ void accumulate_dq_tile(float (&dq)[DP / 8][4], const
 
 // One query tile of a dK/dV kernel (a warp's 16 key rows, fragments kf of K and vf of V; the tile's
 // queries staged from q and grad_out with their lse and delta in `tiles`' stage): S^T = K Q^T,
-// dP^T = V dO^T, P^T and dS^T as in accumulate_dq_tile, dV += P^T dO, dK += dS^T Q.
-template <typename T, int DP, typename Tiles, typename Fragments, typename Allowed>
+// dP^T = V dO^T, P^T and dS^T as in accumulate_dq_tile, dV += P^T dO, dK += dS^T Q. kGeneral: as
+// there, `rows` being this thread's key rows and the queries' positions those of the stage.
+template <typename T, int DP, bool kGeneral = false, typename Tiles, typename Fragments, typename Allowed>
 __device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], float (&dv)[DP / 8][4],
                                                      const Fragments& kf, const Fragments& vf, const Tiles& tiles,
                                                      const TileElem<T>* sQ, const TileElem<T>* sdO, int stage,
-                                                     float scale_log2, Allowed&& allowed, int lane) {
+                                                     float scale_log2, Allowed&& allowed, int lane,
+                                                     TileModifiers mods = {}, RowPositions rows = {}) {
   constexpr int kNT = Tiles::kTileRows / 8;
   float st[kNT][4] = {}, dpt[kNT][4] = {};
   warp_times_rows_transposed<T, DP, kNT>(st, kf, sQ, lane);
@@ -80,9 +96,17 @@ __device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], flo
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = e >> 1, c = 8 * j + (e & 1);
-      const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
-      st[j][e] = pv;                                  // P^T
-      dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
+      if constexpr (kGeneral) {
+        float t;
+        const float x = mods.log2_score(st[j][e], tiles.key_pos(stage)[2 * (lane & 3) + c], rows.pos[i], t);
+        const float pv = allowed(i, c) ? exp2f(x - lane_lse[c]) : 0.0f;
+        st[j][e] = pv;                                                                            // P^T
+        dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]) * (mods.capped ? 1.0f - t * t : 1.0f);  // dS^T
+      } else {
+        const float pv = allowed(i, c) ? exp2f(st[j][e] * scale_log2 - lane_lse[c]) : 0.0f;
+        st[j][e] = pv;                                  // P^T
+        dpt[j][e] = pv * (dpt[j][e] - lane_delta[c]);  // dS^T
+      }
     }
   }
   warp_accumulate_rows<T, DP, Tiles::kTileRows>(dv, st, sdO, lane);

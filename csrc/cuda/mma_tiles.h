@@ -22,13 +22,16 @@
 #include "tf32_tiles.h"
 
 #ifdef LONGFORMER_HOST_EMULATION
-#define LONGFORMER_MMA_BOUNDS(T)
+#define LONGFORMER_MMA_BOUNDS(T, kGeneral)
 #else
 // The tiled kernels' blocks: 128 threads, up to 255 registers per thread. Float tiles also ask for
 // at least one resident block: without it ptxas aimed at 128 registers and spilled 8-16 bytes to
-// local memory in some instantiations. The 16-bit tiles give no minimum (0), which keeps the
-// counts their budgets were set with (with 1, ptxas took up to 21 more, a block fewer per SM).
-#define LONGFORMER_MMA_BOUNDS(T) __launch_bounds__(128, longformer::cuda::mma_tiles::kFloatTiles<T> ? 1 : 0)
+// local memory in some instantiations. The plain 16-bit tiles give no minimum (0), which keeps the
+// counts their budgets were set with (with 1, ptxas took up to 21 more, a block fewer per SM); their
+// general op's instantiations (kGeneral) ask for 1: with 0 the forwards at D = 64 stayed at 168
+// registers and spilled 16-24 bytes.
+#define LONGFORMER_MMA_BOUNDS(T, kGeneral) \
+  __launch_bounds__(128, longformer::cuda::mma_tiles::kFloatTiles<T> || (kGeneral) ? 1 : 0)
 #endif
 
 namespace longformer::cuda::mma_tiles {
@@ -175,13 +178,23 @@ __device__ __forceinline__ bool decode_slot(int64_t slot, int64_t N, int64_t d, 
 
 // This block's (batch, head, residue r, subsequence length L, first row s0, row count), decoded
 // from its linear index over batch x heads x slots; `valid` false for a slot past the last tile.
+// The blocks take the positions [start, start + count): the queries [q_offset, q_offset + Nq) or
+// the keys [0, N) (query_rows / key_rows). Their slots decode over that range's residues; a
+// block's rows are then indices s0.. of the key subsequence r, r + d, ... of [0, N) (L of them),
+// which is what the band tiles index.
 struct BlockRows {
   int64_t b, h, d, r, L, s0;
   int rows;
   bool valid;
 };
 
-__device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int64_t slots) {
+struct PositionRange {
+  int64_t start, count;
+};
+LONGFORMER_HOST_DEVICE PositionRange query_rows(const AttentionParams& p) { return {p.q_offset, p.queries}; }
+LONGFORMER_HOST_DEVICE PositionRange key_rows(const AttentionParams& p) { return {0, p.seqlen}; }
+
+__device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int64_t slots, PositionRange range) {
   BlockRows w{};
   const int64_t linear = int64_t{blockIdx.x} + int64_t{blockIdx.y} * int64_t{gridDim.x};
   w.valid = false;
@@ -190,16 +203,36 @@ __device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int6
   w.h = (linear / slots) % p.heads;
   w.b = linear / (slots * p.heads);
   w.d = p.dilation[w.h];
-  int64_t tile;
-  if (!decode_slot(slot, p.seqlen, w.d, w.r, w.L, tile)) return w;
-  w.s0 = tile * kBlockRows;
-  w.rows = static_cast<int>(w.L - w.s0 < kBlockRows ? w.L - w.s0 : kBlockRows);
+  int64_t residue, length, tile;  // of the range: positions start + residue + s * d, s < length
+  if (!decode_slot(slot, range.count, w.d, residue, length, tile)) return w;
+  const int64_t first = range.start + residue;
+  w.r = first % w.d;
+  w.L = (p.seqlen - w.r + w.d - 1) / w.d;
+  w.s0 = first / w.d + tile * kBlockRows;
+  const int64_t left_in_range = length - tile * kBlockRows;
+  w.rows = static_cast<int>(left_in_range < kBlockRows ? left_in_range : kBlockRows);
   w.valid = true;
   return w;
 }
 
-inline int64_t slots_per_head(const AttentionParams& p) {
-  return (p.seqlen + kBlockRows - 1) / kBlockRows + p.max_dilation;
+inline int64_t slots_per_head(const AttentionParams& p, PositionRange range) {
+  return (range.count + kBlockRows - 1) / kBlockRows + p.max_dilation;
+}
+
+// The tiled kernels index q, out, grad_out, grad_q, the lse, its gradient and delta by *position*
+// (query row i at q_offset + i): this is p with those pointers moved back by q_offset rows, so
+// that row `position` of the moved pointer is query row position - q_offset. Their launchers call
+// it once; no kernel then adds q_offset itself.
+inline AttentionParams indexed_by_position(const AttentionParams& p, int64_t element_bytes) {
+  AttentionParams s = p;
+  const int64_t shift = p.q_offset;
+  if (shift == 0) return s;
+  for (RowMajorHeads* t : {&s.q, &s.out, &s.grad_out, &s.grad_q}) {
+    if (t->data != nullptr) t->data = static_cast<char*>(t->data) - shift * t->stride_n * element_bytes;
+  }
+  if (s.lse != nullptr) s.lse = static_cast<float*>(s.lse) - shift;
+  if (s.grad_lse != nullptr) s.grad_lse = static_cast<const float*>(s.grad_lse) - shift;
+  return s;
 }
 
 // A grid of `blocks` blocks: x up to 2^31 - 1, y for the (huge) rest; false when it cannot hold them.
@@ -404,32 +437,71 @@ struct ForwardShape {
   static constexpr bool kQInRegisters = DP <= 128;
 };
 
+// The general op's score modifiers (docs/design.md §2.2) in the tiled kernels' kGeneral
+// instantiations (the plain ones never see them): a score s = q . k becomes, in log2 units,
+// x = log2 e * (softcap(s * scale) - slope * |query - key position|), softcap(z) = c tanh(z / c)
+// where c > 0. derivative() is d softcap(z) / dz = 1 - tanh^2 (1 without a cap), the backward's
+// chain rule; ALiBi's term has no gradient.
+struct TileModifiers {
+  float scale_log2 = 0.0f;
+  float cap_scale = 0.0f, cap_log2 = 0.0f;  // scale / c and c log2 e; capped: c > 0
+  float slope_log2 = 0.0f;                  // slope log2 e; 0 without ALiBi
+  bool capped = false;
+
+  TileModifiers() = default;
+  __device__ __forceinline__ TileModifiers(const AttentionParams& p, int64_t h) {
+    scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+    capped = p.softcap > 0.0;
+    if (capped) {
+      cap_scale = static_cast<float>(p.scale / p.softcap);
+      cap_log2 = static_cast<float>(p.softcap * 1.4426950408889634);
+    }
+    if (p.alibi_slopes != nullptr) slope_log2 = static_cast<const float*>(p.alibi_slopes)[h] * 1.4426950408889634f;
+  }
+  // x of score s between the query at `query` and the key at `key`; `tanh_out` receives the cap's
+  // tanh (0 without a cap).
+  __device__ __forceinline__ float log2_score(float s, int64_t query, int64_t key, float& tanh_out) const {
+    float x;
+    if (capped) {
+      tanh_out = tanhf(s * cap_scale);
+      x = cap_log2 * tanh_out;
+    } else {
+      tanh_out = 0.0f;
+      x = s * scale_log2;
+    }
+    if (slope_log2 != 0.0f) x -= slope_log2 * static_cast<float>(query > key ? query - key : key - query);
+    return x;
+  }
+};
+
+// The positions of this thread's two rows (kGeneral tiles: the scores' ALiBi distances).
+struct RowPositions {
+  int64_t pos[2];
+};
+
 // The online softmax of a warp's 16 query rows over a sequence of key tiles, held as mma C
 // fragments (this thread: rows g and g + 8, spread over a lane quad): the running max of the
 // scores in log2 units (x = score * scale * log2 e), this lane's part of each row's sum of
 // exp2(x - max), and the unnormalised output O = sum_j exp2(x_j - max) v_j, all in fp32.
-// kCapped: the scores are capped first (docs/design.md §2.2 softcap), x = c log2 e tanh(score *
-// scale / c); a compile-time choice, so the plain kernels' hot loop is unchanged.
-template <typename T, int DP, int kBlockK, bool kCapped = false>
+// kGeneral: the scores go through TileModifiers (which need the rows' and keys' positions) and
+// finish() adds a sink's logit; a compile-time choice, so the plain kernels' hot loop is unchanged.
+template <typename T, int DP, int kBlockK, bool kGeneral = false>
 struct OnlineSoftmaxRows {
   static constexpr int kNT = kBlockK / 8;  // n-tiles of S per key tile
   static constexpr int kON = DP / 8;       // n-tiles of O
   float o[kON][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};
-  float cap_scale = 0.0f, cap_log2 = 0.0f;  // kCapped: scale / c and c log2 e (set_softcap)
-
-  __device__ __forceinline__ void set_softcap(const AttentionParams& p) {
-    cap_scale = static_cast<float>(p.scale / p.softcap);
-    cap_log2 = static_cast<float>(p.softcap * 1.4426950408889634);
-  }
 
   // One key tile in shared memory: S = Q K^T, masked by allowed(i, c) (-inf: exp2 gives exactly 0),
   // rescale by the new max, P = exp2(x - max) (16-bit tiles: rounded to 16 bits as the A
   // fragment), O += P V.
+  // kGeneral: `mods`, this thread's rows' positions and the tile's key positions from this lane's
+  // first column (lane_keys[c] for column 2t + c).
   template <typename QFragments, typename Allowed>
   __device__ __forceinline__ void absorb(const QFragments& q, const TileElem<T>* sK, const TileElem<T>* sV,
-                                         float scale_log2, Allowed&& allowed, int lane) {
+                                         float scale_log2, Allowed&& allowed, int lane, TileModifiers mods = {},
+                                         RowPositions rows = {}, const int64_t* lane_keys = nullptr) {
     float s[kNT][4] = {};
     warp_times_rows_transposed<T, DP, kNT>(s, q, sK, lane);
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -439,8 +511,9 @@ struct OnlineSoftmaxRows {
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1, c = 8 * j + (e & 1);
         float x;
-        if constexpr (kCapped) {
-          x = cap_log2 * tanhf(s[j][e] * cap_scale);
+        if constexpr (kGeneral) {
+          float unused_tanh;
+          x = mods.log2_score(s[j][e], rows.pos[i], lane_keys[c], unused_tanh);
         } else {
           x = s[j][e] * scale_log2;
         }
@@ -480,12 +553,25 @@ struct OnlineSoftmaxRows {
     warp_accumulate_rows<T, DP, kBlockK>(o, s, sV, lane);
   }
 
-  // After the last tile: each row's full sum over its quad.
-  __device__ __forceinline__ void finish() {
+  // After the last tile: each row's full sum over its quad, then (kGeneral) the sink's logit
+  // `sink_log2` (log2 units; -inf: none) as one more key with a zero value.
+  __device__ __forceinline__ void finish(float sink_log2 = -INFINITY) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 1);
       row_sum[i] += __shfl_xor_sync(kFull, row_sum[i], 2);
+    }
+    if constexpr (kGeneral) {
+      if (sink_log2 == -INFINITY) return;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float new_max = fmaxf(row_max[i], sink_log2);
+        const float alpha = exp2f(row_max[i] - new_max);  // 0 for a row that saw no key
+        row_sum[i] = row_sum[i] * alpha + exp2f(sink_log2 - new_max);
+        row_max[i] = new_max;
+#pragma unroll
+        for (int n = 0; n < kON; ++n) o[n][2 * i] *= alpha, o[n][2 * i + 1] *= alpha;
+      }
     }
   }
   // Row i's log-sum-exp in natural units: max * ln 2 + log(sum_j exp2(x_j - max)).
@@ -521,7 +607,11 @@ struct OnlineSoftmaxRows {
 // and delta (values(stage, 0 / 1)), and a query whose lse is -inf (it saw no key) counts as
 // excluded. The global rows' kernels use band tiles of the undilated sequence (residue 0,
 // dilation 1) over a key or query range given to setup_band, with gathered rows (gathered_rows).
-template <typename T, int DP, int kBlockK, bool kQueryRows = false>
+//
+// kGeneral (the general op's instantiations): the query tiles take only the query rows
+// [q_offset, q_offset + Nq), and with packed sequences (cu_seqlens) a row sees only the keys of its
+// own sequence.
+template <typename T, int DP, int kBlockK, bool kQueryRows = false, bool kGeneral = false>
 struct KeyTilePipeline {
   using E = TileElem<T>;
   using R = Rows<T, DP>;
@@ -629,6 +719,7 @@ struct KeyTilePipeline {
         }
         if constexpr (kQueryRows) {
           constexpr float kLog2e = 1.4426950408889634f;
+          if constexpr (kGeneral) ok = ok && p->is_query(pos);
           const int64_t at = p->lse_offset(b, h, pos);
           const float row_lse = ok ? lse[at] : -INFINITY;
           ok = ok && row_lse != -INFINITY;
@@ -662,6 +753,21 @@ struct KeyTilePipeline {
     const int64_t(&row_s)[2] = rows.s;
     const int64_t(&row_pos)[2] = rows.pos;
     const bool(&row_ok)[2] = rows.ok;
+    // kGeneral: each row's sequence as positions [seq_lo, seq_hi) (the whole [0, N) without
+    // cu_seqlens), and its band [band_lo, band_hi] in subsequence indices, cut to that sequence.
+    int64_t seq_lo[2] = {0, 0}, seq_hi[2] = {0, 0}, band_lo[2] = {0, 0}, band_hi[2] = {0, 0};
+    const bool packed = kGeneral && p->cu_seqlens != nullptr;
+    if constexpr (kGeneral) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const AttentionParams::Span seq = p->sequence_of(row_pos[i] < p->seqlen ? row_pos[i] : p->seqlen - 1);
+        seq_lo[i] = seq.start, seq_hi[i] = seq.end;
+        const int64_t first = seq.start <= r ? 0 : (seq.start - r + d - 1) / d;  // of residue r in the sequence
+        const int64_t last = seq.end - 1 < r ? -1 : (seq.end - 1 - r) / d;
+        band_lo[i] = row_s[i] - left > first ? row_s[i] - left : first;
+        band_hi[i] = row_s[i] + right < last ? row_s[i] + right : last;
+      }
+    }
     // A warp whose 16 rows are all padding/global/out of range does no math (it still joins barriers).
     const bool warp_active = __any_sync(kFull, row_ok[0] || row_ok[1]);
     // Subsequence indices this warp's rows can reach in the band (for skipping whole key tiles).
@@ -693,7 +799,8 @@ struct KeyTilePipeline {
           bool inside = true;  // every computed row of this thread sees the whole tile
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const int64_t l64 = row_s[i] - left - kt0, h64 = row_s[i] + right - kt0;
+            const int64_t l64 = (kGeneral ? band_lo[i] : row_s[i] - left) - kt0;
+            const int64_t h64 = (kGeneral ? band_hi[i] : row_s[i] + right) - kt0;
             inside &= !row_ok[i] || (l64 <= 0 && h64 >= kBlockK - 1);
             lo[i] = static_cast<int>(l64 < -1 ? -1 : (l64 > kBlockK ? kBlockK : l64)) - 2 * t;
             hi[i] = static_cast<int>(h64 < -1 ? -1 : (h64 > kBlockK ? kBlockK : h64)) - 2 * t;
@@ -703,14 +810,15 @@ struct KeyTilePipeline {
           } else {
             process(sK, sV, s, [&](int i, int c) { return ((lane_keys >> c) & 1) != 0 && c >= lo[i] && c <= hi[i]; });
           }
-        } else if (!causal && all_keys) {
+        } else if (!causal && all_keys && !packed) {
           process(sK, sV, s, every_key);
         } else {
           const int64_t* lane_pos = key_pos(s) + 2 * t;
           // Causal: a key is seen by the queries at or after it (tiles of queries: rows are keys).
           process(sK, sV, s, [&](int i, int c) {
             return ((lane_keys >> c) & 1) != 0 &&
-                   (!causal || (kQueryRows ? row_pos[i] <= lane_pos[c] : lane_pos[c] <= row_pos[i]));
+                   (!causal || (kQueryRows ? row_pos[i] <= lane_pos[c] : lane_pos[c] <= row_pos[i])) &&
+                   (!packed || (lane_pos[c] >= seq_lo[i] && lane_pos[c] < seq_hi[i]));
           });
         }
       }

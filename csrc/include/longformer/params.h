@@ -131,13 +131,14 @@ struct AttentionParams {
     return {cu_seqlens[lo], cu_seqlens[hi]};
   }
   // Plain Longformer attention (docs/design.md §2): none of the general op's arguments in use (the
-  // lse's gradient aside, which only changes the backward's row terms). The tiled CUDA kernels
-  // take only these calls.
+  // lse's gradient aside, which only changes the backward's row terms). The tiled CUDA kernels'
+  // plain instantiations take these calls; the local rows' kernels take the others in their
+  // kGeneral instantiations (csrc/cuda/*_mma.cu).
   LONGFORMER_HOST_DEVICE bool is_longformer_only() const {
     return heads_kv == heads && queries == seqlen && cu_seqlens == nullptr && softcap == 0.0 &&
            alibi_slopes == nullptr && sinks == nullptr;
   }
-  // As is_longformer_only, but softcap may be used: the calls the tiled CUDA forward kernels take.
+  // As is_longformer_only, but softcap may be used: the calls the tiled global rows' forward takes.
   LONGFORMER_HOST_DEVICE bool is_longformer_only_but_softcap() const {
     return heads_kv == heads && queries == seqlen && cu_seqlens == nullptr && alibi_slopes == nullptr &&
            sinks == nullptr;
