@@ -147,8 +147,7 @@ def test_emulated_grouped_kv_heads_on_both_cuda_paths(dtype, path, monkeypatch):
 def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
     """softcap on the tiled CUDA forward (local rows; global rows written whole and, at N = 600,
     split into chunks; head dims above 32) and on the SIMT one, against the oracle (the backward on
-    the default path); with grouped KV heads (the slices of query heads), and with sinks, which
-    send a grouped call to SIMT."""
+    the default path); with grouped KV heads (the slices of query heads), and with sinks."""
     load_emulation_or_skip()
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
     shapes = [(2, 2, 70, {"softcap", "lse"}, False), (4, 2, 70, {"softcap", "gqa"}, True),
@@ -173,6 +172,8 @@ TILED_GENERAL_CASES = [
     ({"sinks", "alibi"}, 2, (4, 4), (90, 90), (10, 0), True, [3, 1, 2, 1]),
     ({"sinks", "q_offset", "softcap"}, 2, (4, 4), (33, 120), (200, 3), False, [1, 1, 2, 2]),
     ({"cu_seqlens", "softcap", "alibi", "sinks", "lse"}, 1, (4, 4), (160, 160), (16, 16), False, [1, 2, 3, 1]),
+    ({"gqa", "sinks", "alibi", "lse"}, 2, (6, 2), (80, 80), (7, 0), True, [1, 2, 3, 2, 1, 1]),
+    ({"gqa", "sinks", "q_offset", "softcap"}, 2, (4, 2), (50, 130), (20, 20), False, [2, 1, 1, 3]),
 ]
 
 

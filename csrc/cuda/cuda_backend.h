@@ -55,11 +55,15 @@ inline int64_t storage_bytes(ScalarType t) {
   return t == ScalarType::Double ? 8 : t == ScalarType::Float ? 4 : 2;
 }
 
-// Grouped KV heads run on the tiled kernels as H / H_kv plain slices (kv_group_slices.h) where
-// those kernels take the slices; otherwise the SIMT kernels run the call as it is.
+// Grouped KV heads run on the tiled kernels as H / H_kv slices without grouping (kv_group_slices.h)
+// where those kernels take the slices; otherwise the SIMT kernels run the call as it is.
 inline bool runs_as_kv_group_slices(const AttentionCall& c, DType dtype, bool tiled, bool forward) {
-  if (!tiled || !can_run_as_kv_group_slices(c.local)) return false;
-  const AttentionParams slice = kv_group_slice(c.local, 0, storage_bytes(c.dtype), nullptr, nullptr);
+  const AttentionParams& p = c.local;
+  if (!tiled || p.heads_kv == p.heads) return false;
+  // The slice as the kernels will see it: which per-head arrays it has is what matters here.
+  const SliceArrays probe{p.lse, const_cast<void*>(p.grad_lse), const_cast<void*>(p.alibi_slopes),
+                          const_cast<void*>(p.sinks), p.grad_sinks};
+  const AttentionParams slice = kv_group_slice(p, 0, storage_bytes(c.dtype), probe);
   return forward ? banded_attention_forward_mma_supports(slice, dtype)
                  : banded_attention_backward_mma_supports(slice, dtype);
 }
@@ -129,24 +133,64 @@ struct CudaBackend {
     }
   }
 
-  // One slice of query heads after the other (kv_group_slices.h), local rows then global rows, each
-  // slice's lse in one [B, H_kv, Nq] buffer copied from (the -inf the kernels expect) and back to
-  // the call's lse.
+  // The buffers of the slices of a grouped call (kv_group_slices.h), reused by every slice, and the
+  // copies of its heads' part of the call's per-head arrays into them (before its launches) and of
+  // what it computed back (after them).
+  struct Slices {
+    Tensor lse, grad_lse, slopes, sinks, grad_sinks;  // empty where the call has no such array
+    SliceArrays arrays;
+
+    Slices(const AttentionParams& p, const Tensor& like) {
+      auto buffer = [&](bool used, int64_t count, Tensor& t) -> void* {
+        t = empty_on(like, {used ? count : 0}, ScalarType::Float);
+        return used ? t.data_ptr() : nullptr;
+      };
+      const int64_t rows = p.batch * p.heads_kv * p.queries;
+      arrays.lse = buffer(true, rows, lse);
+      arrays.grad_lse = buffer(p.grad_lse != nullptr, rows, grad_lse);
+      arrays.alibi_slopes = buffer(p.alibi_slopes != nullptr, p.heads_kv, slopes);
+      arrays.sinks = buffer(p.sinks != nullptr, p.heads_kv, sinks);
+      arrays.grad_sinks = buffer(p.grad_sinks != nullptr, p.heads_kv, grad_sinks);
+    }
+    // The lse rows (the -inf the forward kernels expect; what the backward reads), the lse's
+    // gradient, the slopes and the sinks of slice g's heads.
+    void load(const AttentionParams& p, int64_t g, void* stream) const {
+      copy(p, g, p.batch, p.queries, p.lse, arrays.lse, true, stream);
+      copy(p, g, p.batch, p.queries, const_cast<void*>(p.grad_lse), arrays.grad_lse, true, stream);
+      copy(p, g, 1, 1, const_cast<void*>(p.alibi_slopes), arrays.alibi_slopes, true, stream);
+      copy(p, g, 1, 1, const_cast<void*>(p.sinks), arrays.sinks, true, stream);
+    }
+    // The forward's lse rows, or the backward's sinks' gradient, of slice g's heads.
+    void store(const AttentionParams& p, int64_t g, bool forward, void* stream) const {
+      if (forward) {
+        copy(p, g, p.batch, p.queries, p.lse, arrays.lse, false, stream);
+      } else {
+        copy(p, g, 1, 1, p.grad_sinks, arrays.grad_sinks, false, stream);
+      }
+    }
+    static void copy(const AttentionParams& p, int64_t g, int64_t batch, int64_t n, void* full, void* slice,
+                     bool to_slice, void* stream) {
+      if (full == nullptr) return;
+      Device::check(copy_group_heads(p, g, batch, n, full, slice, to_slice, stream), "banded_attn (grouped KV heads)");
+    }
+  };
+
+  // One slice of query heads after the other (kv_group_slices.h), local rows then global rows.
   static void forward_kv_group_slices(const AttentionCall& c, const Tokens& t, DType dtype) {
     const AttentionParams& p = c.local;
-    Tensor lse = empty_on(t.roles, {p.batch * p.heads_kv * p.queries}, ScalarType::Float);
+    const Slices slices(p, t.roles);
     const int64_t bytes = storage_bytes(c.dtype);
     for (int64_t g = 0; g < p.heads / p.heads_kv; ++g) {
-      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/true, t.stream), "banded_attn (lse)");
-      Device::check(banded_attention_forward_mma(kv_group_slice(p, g, bytes, lse.data_ptr(), nullptr), t.globals,
-                                                 dtype, t.stream),
+      slices.load(p, g, t.stream);
+      Device::check(banded_attention_forward_mma(kv_group_slice(p, g, bytes, slices.arrays), t.globals, dtype,
+                                                 t.stream),
                     "banded_attn");
       if (c.has_global_rows) {
-        Device::check(global_attention_forward(kv_group_slice(c.global, g, bytes, lse.data_ptr(), nullptr), t.globals,
+        Device::check(global_attention_forward(kv_group_slice(c.global, g, bytes, slices.arrays), t.globals,
                                                c.workspace, dtype, /*tiled=*/true, t.stream),
                       "banded_attn (global rows)");
       }
-      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/false, t.stream), "banded_attn (lse)");
+      slices.store(p, g, /*forward=*/true, t.stream);
     }
   }
 
@@ -160,17 +204,12 @@ struct CudaBackend {
   static void backward(const AttentionCall& c, const Tokens& t) {
     const DType dtype = attention_dtype(c);
     const bool tiled = use_tiled_kernels(kernel_dtype(c.dtype), "LONGFORMER_CUDA_BACKWARD");
-    if (runs_as_kv_group_slices(c, dtype, tiled, /*forward=*/false)) {
-      backward_kv_group_slices(c, t, dtype);
-    } else {
-      backward_launches(c, c.local, c.global, t, dtype, tiled);
-    }
-    // Every row's delta is in the workspace now (the local rows' and the global rows' kernels
-    // write theirs at the same place; calls with sinks never run as slices).
-    Device::check(sinks_backward(c.local, c.workspace, kernel_dtype(c.dtype), t.stream),
-                  "banded_attn_backward (sinks)");
+    if (runs_as_kv_group_slices(c, dtype, tiled, /*forward=*/false)) return backward_kv_group_slices(c, t, dtype);
+    backward_launches(c, c.local, c.global, t, dtype, tiled);
   }
 
+  // The local rows, then the global rows, then the sinks' gradient from every row's delta, which
+  // the two have left in the workspace (at the same place).
   static void backward_launches(const AttentionCall& c, const AttentionParams& local, const AttentionParams& global,
                                 const Tokens& t, DType dtype, bool tiled) {
     Device::check(banded_attention_backward(local, t.globals, c.workspace, dtype, tiled, t.stream),
@@ -180,27 +219,21 @@ struct CudaBackend {
                                               t.stream),
                     "banded_attn_backward (global rows)");
     }
+    Device::check(sinks_backward(local, c.workspace, kernel_dtype(c.dtype), t.stream), "banded_attn_backward (sinks)");
   }
 
-  // As forward_kv_group_slices: each slice reads its heads' lse (and lse gradient) from a buffer.
-  // Every slice writes other rows of the gradients (its heads' dQ and per-query-head dK/dV).
+  // As forward_kv_group_slices: each slice reads its heads' lse (and lse gradient, slopes, sinks)
+  // from the slice buffers and writes other rows of the gradients (its heads' dQ and
+  // per-query-head dK/dV), and its heads' sinks' gradient through a buffer.
   static void backward_kv_group_slices(const AttentionCall& c, const Tokens& t, DType dtype) {
     const AttentionParams& p = c.local;
-    const int64_t rows = p.batch * p.heads_kv * p.queries, bytes = storage_bytes(c.dtype);
-    Tensor lse = empty_on(t.roles, {rows}, ScalarType::Float);
-    std::optional<Tensor> grad_lse;
-    if (p.grad_lse != nullptr) grad_lse = empty_on(t.roles, {rows}, ScalarType::Float);
-    void* grad_lse_slice = grad_lse ? grad_lse->data_ptr() : nullptr;
+    const Slices slices(p, t.roles);
+    const int64_t bytes = storage_bytes(c.dtype);
     for (int64_t g = 0; g < p.heads / p.heads_kv; ++g) {
-      Device::check(copy_lse_heads(p, g, p.lse, lse.data_ptr(), /*to_slice=*/true, t.stream),
-                    "banded_attn_backward (lse)");
-      if (grad_lse) {  // read only in this direction
-        Device::check(copy_lse_heads(p, g, const_cast<void*>(p.grad_lse), grad_lse_slice, /*to_slice=*/true,
-                                     t.stream),
-                      "banded_attn_backward (grad_lse)");
-      }
-      backward_launches(c, kv_group_slice(p, g, bytes, lse.data_ptr(), grad_lse_slice),
-                        kv_group_slice(c.global, g, bytes, lse.data_ptr(), grad_lse_slice), t, dtype, /*tiled=*/true);
+      slices.load(p, g, t.stream);
+      backward_launches(c, kv_group_slice(p, g, bytes, slices.arrays), kv_group_slice(c.global, g, bytes, slices.arrays),
+                        t, dtype, /*tiled=*/true);
+      slices.store(p, g, /*forward=*/false, t.stream);
     }
   }
 

@@ -28,18 +28,19 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
   }
 }
 
-// The lse rows of grouped-KV slice g (kv_group_slices.h): the contiguous [B, H_kv, Nq] slice and
-// heads g, g + group, ... of the full [B, H, Nq] lse, copied one way or the other. float only: the
-// tiled kernels that run slices never take float64.
+// A per-head float array of grouped-KV slice g (kv_group_slices.h): the contiguous
+// [batch, H_kv, n] slice and heads g, g + group, ... of the full [batch, H, n] array (the lse and
+// its gradient: n = Nq; ALiBi slopes, sinks and their gradient: batch = n = 1), copied one way or
+// the other. float only: the tiled kernels that run slices never take float64.
 template <bool kToSlice>
 __global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
-    copy_lse_heads_kernel(const AttentionParams p, int64_t g, float* full, float* slice) {
-  const int64_t N = p.queries, group = p.heads / p.heads_kv;
-  const int64_t total = p.batch * p.heads_kv * N;
+    copy_group_heads_kernel(int64_t batch, int64_t heads, int64_t heads_kv, int64_t n, int64_t g, float* full,
+                            float* slice) {
+  const int64_t group = heads / heads_kv, total = batch * heads_kv * n;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t n = e % N, h = (e / N) % p.heads_kv, b = e / (N * p.heads_kv);
-    const int64_t at = (b * p.heads + h * group + g) * N + n;
+    const int64_t i = e % n, h = (e / n) % heads_kv, b = e / (n * heads_kv);
+    const int64_t at = (b * heads + h * group + g) * n + i;
     if constexpr (kToSlice) {
       slice[e] = full[at];
     } else {
@@ -50,15 +51,17 @@ __global__ void LONGFORMER_LAUNCH_BOUNDS(kThreads)
 
 }  // namespace
 
-int copy_lse_heads(const AttentionParams& p, int64_t g, void* full, void* slice, bool to_slice, void* stream) {
-  const int64_t total = p.batch * p.heads_kv * p.queries;
+int copy_group_heads(const AttentionParams& p, int64_t g, int64_t batch, int64_t n, void* full, void* slice,
+                     bool to_slice, void* stream) {
+  const int64_t total = batch * p.heads_kv * n;
   if (total == 0) return 0;
   float* f = static_cast<float*>(full);
   float* s = static_cast<float*>(slice);
-  return to_slice ? LONGFORMER_LAUNCH(copy_lse_heads_kernel<true>, dim3(grid_for(total, kThreads)), dim3(kThreads), 0,
-                                      stream, p, g, f, s)
-                  : LONGFORMER_LAUNCH(copy_lse_heads_kernel<false>, dim3(grid_for(total, kThreads)), dim3(kThreads),
-                                      0, stream, p, g, f, s);
+  const dim3 grid(grid_for(total, kThreads)), block(kThreads);
+  return to_slice ? LONGFORMER_LAUNCH(copy_group_heads_kernel<true>, grid, block, 0, stream, batch, p.heads,
+                                      p.heads_kv, n, g, f, s)
+                  : LONGFORMER_LAUNCH(copy_group_heads_kernel<false>, grid, block, 0, stream, batch, p.heads,
+                                      p.heads_kv, n, g, f, s);
 }
 
 int sum_kv_groups(const AttentionParams& p, const RowMajorHeads& per_query_head, const RowMajorHeads& out, DType dtype,

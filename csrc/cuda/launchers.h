@@ -56,9 +56,11 @@ LONGFORMER_HOST_DEVICE GlobalRange global_range(const GlobalKeys& g, int64_t b, 
 int copy_cu_seqlens(const void* src, int element_bytes, int64_t stride, int64_t count, int64_t* dst, void* stream);
 
 // Grouped KV heads on the tiled kernels, one slice of query heads at a time (kv_group_slices.h):
-// copies the lse rows of slice g between the full [B, H, Nq] float lse and the slice's contiguous
-// [B, H_kv, Nq] buffer (to_slice: full -> slice).
-int copy_lse_heads(const AttentionParams& p, int64_t g, void* full, void* slice, bool to_slice, void* stream);
+// copies slice g's heads of a per-head float array between the call's [batch, H, n] array and the
+// slice's contiguous [batch, H_kv, n] buffer (to_slice: call -> slice); the lse is [B, H, Nq], the
+// ALiBi slopes and sinks [1, H, 1].
+int copy_group_heads(const AttentionParams& p, int64_t g, int64_t batch, int64_t n, void* full, void* slice,
+                     bool to_slice, void* stream);
 
 // Grouped KV heads: out [B, H_kv, N, D] = per_query_head [B, H, N, D] summed over each group of
 // query heads in head order (kv_groups.cu).

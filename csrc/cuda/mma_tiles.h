@@ -205,10 +205,16 @@ __device__ __forceinline__ BlockRows decode_block(const AttentionParams& p, int6
   w.d = p.dilation[w.h];
   int64_t residue, length, tile;  // of the range: positions start + residue + s * d, s < length
   if (!decode_slot(slot, range.count, w.d, residue, length, tile)) return w;
-  const int64_t first = range.start + residue;
-  w.r = first % w.d;
-  w.L = (p.seqlen - w.r + w.d - 1) / w.d;
-  w.s0 = first / w.d + tile * kBlockRows;
+  if (range.start == 0 && range.count == p.seqlen) {  // the whole sequence: no further division
+    w.r = residue;
+    w.L = length;
+    w.s0 = tile * kBlockRows;
+  } else {
+    const int64_t first = range.start + residue;
+    w.r = first % w.d;
+    w.L = (p.seqlen - w.r + w.d - 1) / w.d;
+    w.s0 = first / w.d + tile * kBlockRows;
+  }
   const int64_t left_in_range = length - tile * kBlockRows;
   w.rows = static_cast<int>(left_in_range < kBlockRows ? left_in_range : kBlockRows);
   w.valid = true;
