@@ -149,27 +149,29 @@ TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGIS
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
 # The general op's instantiations of the tiled kernels (kGeneral, head dims above 32 only; general
 # calls with D <= 32 run on SIMT): the local rows' forward and backward take every argument but
-# grouped KV heads (slices of plain calls), the global rows' forward softcap only. Score modifiers
+# grouped KV heads (slices of plain calls), and so does the global rows' forward. Score modifiers
 # per element (tanh, ALiBi distance from the staged key positions), each row's sequence bounds and a
 # sink cost registers; these instantiations ask for one resident block in their launch bounds
 # (with none, ptxas held the 16-bit forwards at 168 and spilled 16-24 bytes). nvcc 13.0, sm_80 and
-# sm_90, blocks per SM by the 64K-register file: 16-bit forwards 195-205 at D = 64 (2 blocks, the
-# plain ones 3), 243-253 at 128 and 220-235 at 256 (as the plain ones); dQ 248-251 and 224-226, dK/dV
+# sm_90, blocks per SM by the 64K-register file: 16-bit forwards 200-205 at D = 64 (2 blocks, the
+# plain ones 3), 252-254 at 128 and 230-235 at 256 (as the plain ones); dQ 248-251 and 224-226, dK/dV
 # (32 query rows per tile at D = 64) 237-238 and 247-248, the global keys' dK/dV 237-245 and
-# 247-251 (2 blocks, as the plain ones). Float: forwards 159-168 and 171-184, dQ 208 and 192-208,
-# dK/dV 186-190 and 247-252. TF32: forwards 147-167, dQ 168-180, dK/dV 183-192 and 239-254.
+# 247-251 (2 blocks, as the plain ones). Float: forwards 168 and 180-203, dQ 208 and 192-208,
+# dK/dV 186-190 and 247-252. TF32: forwards 157-174, dQ 168-180, dK/dV 183-192 and 239-254.
 GENERAL_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_keys_dkdv_mma_kernel")
 GENERAL_KERNELS = MMA_FORWARD_KERNELS + GENERAL_BACKWARD_KERNELS
 GENERAL_REGISTERS = {
     "half": {"banded_attention_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
-             "global_rows_forward_mma_kernel": {64: 208, 128: 248, 256: 232},
+             "global_rows_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
              "local_dq_mma_kernel": {64: 255, 128: 232},
              "local_dkdv_mma_kernel": {64: 240, 128: 255},
              "global_keys_dkdv_mma_kernel": {64: 248, 128: 255}},
-    "float": {**{kernel: {64: 168, 128: 192} for kernel in MMA_FORWARD_KERNELS},
+    "float": {"banded_attention_forward_mma_kernel": {64: 168, 128: 192},
+              "global_rows_forward_mma_kernel": {64: 168, 128: 208},
               "local_dq_mma_kernel": {64: 216, 128: 216},
               **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
-    "tf32": {**{kernel: {64: 168, 128: 168} for kernel in MMA_FORWARD_KERNELS},
+    "tf32": {"banded_attention_forward_mma_kernel": {64: 168, 128: 168},
+             "global_rows_forward_mma_kernel": {64: 168, 128: 176},
              "local_dq_mma_kernel": {64: 168, 128: 192},
              **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
 }

@@ -174,6 +174,8 @@ TILED_GENERAL_CASES = [
     ({"cu_seqlens", "softcap", "alibi", "sinks", "lse"}, 1, (4, 4), (160, 160), (16, 16), False, [1, 2, 3, 1]),
     ({"gqa", "sinks", "alibi", "lse"}, 2, (6, 2), (80, 80), (7, 0), True, [1, 2, 3, 2, 1, 1]),
     ({"gqa", "sinks", "q_offset", "softcap"}, 2, (4, 2), (50, 130), (20, 20), False, [2, 1, 1, 3]),
+    # global rows whose keys are split over chunks (N = 600), combined with their sink by SIMT
+    ({"sinks", "alibi", "q_offset", "lse"}, 1, (2, 2), (300, 600), (8, 8), False, [1, 2]),
 ]
 
 

@@ -15,8 +15,12 @@
 // deterministic, no atomics. The chunk's key range comes from the tile's last (largest) row when
 // causal, so it is the same for the tile's rows and covers each row's keys.
 //
-// softcap is a second instantiation (kGeneral, mma_tiles::TileModifiers; head dims above 32, as for
-// the local rows); the general op's other arguments run on SIMT.
+// The general op's arguments run in a second instantiation (kGeneral; head dims above 32, as for the
+// local rows): only the global rows among the queries [q_offset, q_offset + Nq) are staged, the
+// launcher moves the query-indexed pointers back by q_offset rows (mma_tiles::indexed_by_position),
+// a row sees only the keys of its own packed sequence, softcap and ALiBi apply per score
+// (mma_tiles::TileModifiers), and a sink joins the denominator of a row written whole (C_b == 1;
+// the combine kernel adds it to a split row).
 //
 // The grid is a capped grid-stride loop over the items, tile-major, so blocks stop at the largest
 // global count of the batch (the count lives on the device; the host knows only N).
@@ -32,11 +36,11 @@ using namespace mma_tiles;
 
 static_assert(kRowTile == kBlockRows, "a row tile of global rows is one block of rows");
 
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 struct GlobalRowTiles {
   static constexpr int kBlockK = ForwardShape<T, DP>::kBlockK;
   static constexpr bool kQInRegisters = ForwardShape<T, DP>::kQInRegisters;
-  using Keys = KeyTilePipeline<T, DP, kBlockK>;
+  using Keys = KeyTilePipeline<T, DP, kBlockK, false, kGeneral>;
   // Layout: key tile pipeline | Q | query positions (int64) | query flags.
   static constexpr int64_t kQOffset = Keys::kBytes;
   static constexpr int64_t kQueryPosOffset = kQOffset + Rows<T, DP>::bytes(kBlockRows);
@@ -48,7 +52,7 @@ template <typename T, int DP, bool kGeneral>
 __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kernel(const AttentionParams p, const GlobalKeys gk,
                                                                      const SplitShape split, float* workspace,
                                                                      bool vec) {
-  using Tiles = GlobalRowTiles<T, DP>;
+  using Tiles = GlobalRowTiles<T, DP, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
@@ -76,7 +80,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kerne
     // ---- the tile's Q rows (gathered), then the first key tile; wait for Q only.
     stage_rows<T, DP>(b, h, D, p.q, sQ, nullptr, nullptr, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
       pos = row < rows ? index[g0 + row] : 0;
-      return row < rows && roles[pos] == kGlobal;
+      return row < rows && roles[pos] == kGlobal && (!kGeneral || p.is_query(pos));
     });
     cp_async_commit();
     keys.issue(0);
@@ -92,12 +96,14 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kerne
       keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int stage, auto allowed) {
         softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane, mods, positions, keys.key_pos(stage) + 2 * t);
       });
+      const bool sink = p.sinks != nullptr && chunks == 1;
+      softmax.finish(sink ? static_cast<const float*>(p.sinks)[h] * 1.4426950408889634f : -INFINITY);
     } else {
       keys.run(mine, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
         softmax.absorb(q_fragment, sK, sV, scale_log2, allowed, lane);
       });
+      softmax.finish();
     }
-    softmax.finish();
 
     // ---- the rows (one chunk) or their partials
 #pragma unroll
@@ -130,15 +136,17 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kerne
 }
 
 template <typename T, int DP>
-int launch_global_rows_mma(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
-                           void* stream) {
-  using Tiles = GlobalRowTiles<T, DP>;
+int launch_global_rows_mma(const AttentionParams& call, const GlobalKeys& g, const SplitShape& split,
+                           void* workspace, void* stream) {
+  static_assert(GlobalRowTiles<T, DP, false>::kSmemBytes == GlobalRowTiles<T, DP, true>::kSmemBytes, "one size");
+  using Tiles = GlobalRowTiles<T, DP, false>;
+  const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * split.max_chunks;
-  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v};
+  const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
   auto kernel = global_rows_forward_mma_kernel<T, DP, false>;
-  if constexpr (DP > 32) {  // softcap with D <= 32 runs on SIMT
-    if (p.softcap > 0.0) kernel = global_rows_forward_mma_kernel<T, DP, true>;
+  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT
+    if (!p.is_longformer_only()) kernel = global_rows_forward_mma_kernel<T, DP, true>;
   }
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
@@ -161,8 +169,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
 }  // namespace
 
 bool global_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only_but_softcap()) return false;  // the others run on the SIMT kernels
-  if (p.softcap > 0.0 && p.head_dim <= 32) return false;
+  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
+  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }

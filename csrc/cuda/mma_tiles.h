@@ -446,8 +446,8 @@ struct ForwardShape {
 // The general op's score modifiers (docs/design.md §2.2) in the tiled kernels' kGeneral
 // instantiations (the plain ones never see them): a score s = q . k becomes, in log2 units,
 // x = log2 e * (softcap(s * scale) - slope * |query - key position|), softcap(z) = c tanh(z / c)
-// where c > 0. derivative() is d softcap(z) / dz = 1 - tanh^2 (1 without a cap), the backward's
-// chain rule; ALiBi's term has no gradient.
+// where c > 0. The backward's chain rule takes d softcap(z) / dz = 1 - tanh^2 from the tanh that
+// log2_score hands back; ALiBi's term has no gradient.
 struct TileModifiers {
   float scale_log2 = 0.0f;
   float cap_scale = 0.0f, cap_log2 = 0.0f;  // scale / c and c log2 e; capped: c > 0

@@ -138,11 +138,6 @@ struct AttentionParams {
     return heads_kv == heads && queries == seqlen && cu_seqlens == nullptr && softcap == 0.0 &&
            alibi_slopes == nullptr && sinks == nullptr;
   }
-  // As is_longformer_only, but softcap may be used: the calls the tiled global rows' forward takes.
-  LONGFORMER_HOST_DEVICE bool is_longformer_only_but_softcap() const {
-    return heads_kv == heads && queries == seqlen && cu_seqlens == nullptr && alibi_slopes == nullptr &&
-           sinks == nullptr;
-  }
   // The head index of grad_k, grad_v (and the global projections' gradients) for query head h.
   LONGFORMER_HOST_DEVICE int64_t grad_kv_head(int64_t h) const {
     return grad_kv_per_query_head ? h : kv_head(h);
