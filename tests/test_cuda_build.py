@@ -148,32 +148,41 @@ TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument f
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
 # The general op's instantiations of the tiled kernels (kGeneral, head dims above 32 only; general
-# calls with D <= 32 run on SIMT): the local rows' forward and backward take every argument but
-# grouped KV heads (slices of plain calls), and so does the global rows' forward. Score modifiers
+# calls with D <= 32 run on SIMT): every tiled kernel, local and global rows, forward and backward,
+# takes every argument but grouped KV heads (slices of calls without grouping). Score modifiers
 # per element (tanh, ALiBi distance from the staged key positions), each row's sequence bounds and a
 # sink cost registers; these instantiations ask for one resident block in their launch bounds
 # (with none, ptxas held the 16-bit forwards at 168 and spilled 16-24 bytes). nvcc 13.0, sm_80 and
 # sm_90, blocks per SM by the 64K-register file: 16-bit forwards 200-205 at D = 64 (2 blocks, the
-# plain ones 3), 252-254 at 128 and 230-235 at 256 (as the plain ones); dQ 248-251 and 224-226, dK/dV
+# plain ones 3), 252-254 at 128 and 230-235 at 256 (as the plain ones); dQ 243-251 and 220-226, dK/dV
 # (32 query rows per tile at D = 64) 237-238 and 247-248, the global keys' dK/dV 237-245 and
-# 247-251 (2 blocks, as the plain ones). Float: forwards 168 and 180-203, dQ 208 and 192-208,
-# dK/dV 186-190 and 247-252. TF32: forwards 157-174, dQ 168-180, dK/dV 183-192 and 239-254.
-GENERAL_BACKWARD_KERNELS = ("local_dq_mma_kernel", "local_dkdv_mma_kernel", "global_keys_dkdv_mma_kernel")
+# 247-251, the global rows' dK/dV 206-213 and 230-231 (2 blocks, as the plain ones). Float:
+# forwards 168 and 180-203, dQ 190-208 and 192-216, dK/dV 153-190 and 231-252. TF32: forwards
+# 157-174, dQ 168-183, dK/dV 157-192 and 219-254.
+GENERAL_BACKWARD_KERNELS = MMA_BACKWARD_KERNELS
 GENERAL_KERNELS = MMA_FORWARD_KERNELS + GENERAL_BACKWARD_KERNELS
 GENERAL_REGISTERS = {
     "half": {"banded_attention_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
              "global_rows_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
              "local_dq_mma_kernel": {64: 255, 128: 232},
              "local_dkdv_mma_kernel": {64: 240, 128: 255},
-             "global_keys_dkdv_mma_kernel": {64: 248, 128: 255}},
+             "global_keys_dkdv_mma_kernel": {64: 248, 128: 255},
+             "global_dq_mma_kernel": {64: 248, 128: 232},
+             "global_dkdv_mma_kernel": {64: 216, 128: 240}},
     "float": {"banded_attention_forward_mma_kernel": {64: 168, 128: 192},
               "global_rows_forward_mma_kernel": {64: 168, 128: 208},
               "local_dq_mma_kernel": {64: 216, 128: 216},
-              **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
+              "local_dkdv_mma_kernel": {64: 192, 128: 255},
+              "global_keys_dkdv_mma_kernel": {64: 192, 128: 255},
+              "global_dq_mma_kernel": {64: 216, 128: 216},
+              "global_dkdv_mma_kernel": {64: 168, 128: 248}},
     "tf32": {"banded_attention_forward_mma_kernel": {64: 168, 128: 168},
              "global_rows_forward_mma_kernel": {64: 168, 128: 176},
              "local_dq_mma_kernel": {64: 168, 128: 192},
-             **{kernel: {64: 192, 128: 255} for kernel in GENERAL_BACKWARD_KERNELS[1:]}},
+             "local_dkdv_mma_kernel": {64: 192, 128: 255},
+             "global_keys_dkdv_mma_kernel": {64: 192, 128: 255},
+             "global_dq_mma_kernel": {64: 168, 128: 192},
+             "global_dkdv_mma_kernel": {64: 168, 128: 232}},
 }
 # Their float instantiations' SHFL count (as FLOAT_TILE_SHUFFLES): the compiler unrolls their loops
 # differently, sm_90 up to 148 in the forward at D = 64 and 116 in dQ.
@@ -245,9 +254,8 @@ def test_half_backward_uses_tensor_cores_and_no_shuffles():
         for kernel in MMA_BACKWARD_KERNELS:
             found = {name: text for (a, name), text in sass.items()
                      if a == arch and re.search(kernel + r"<(__half|__nv_bfloat16),", name)}
-            expected = 10 if kernel in GENERAL_BACKWARD_KERNELS else 6  # general: head-dim tiles 64, 128
-            assert len(found) == expected, (f"expected 2 dtypes x 3 head-dim tiles of {kernel} (and x 2 general) on "
-                                            f"{arch}, found {sorted(found)}")
+            assert len(found) == 10, (f"expected 2 dtypes x 3 head-dim tiles of {kernel}, and x 2 general (64, 128), "
+                                      f"on {arch}, found {sorted(found)}")
             for name, text in found.items():
                 assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"

@@ -15,6 +15,12 @@
 //   result is written, or added to the local rows' part when the global rows share k and v with
 //   them.
 // One owner per output tile: deterministic, no atomics. Excluded rows are zero in shared memory.
+//
+// The general op's arguments run in a second instantiation of each kernel (kGeneral; head dims
+// above 32), as for the local rows (banded_attention_backward_mma.cu): only the global rows among
+// the queries are rows (dQ) or query tiles (dK/dV), indexed by position (indexed_by_position), a
+// pair sees only its own packed sequence, P goes through softcap and ALiBi and dS takes the cap's
+// derivative (mma_tiles::TileModifiers).
 #include <cstdint>
 
 #include "global_split.h"
@@ -25,11 +31,11 @@ namespace {
 
 using namespace mma_tiles;
 
-template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
-                                                           const SplitShape split, const float* delta,
-                                                           float* partials, bool vec) {
-  using S = BwdTiles<T, DP, false>;
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_dq_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+                                                                      const SplitShape split, const float* delta,
+                                                                      float* partials, bool vec) {
+  using S = BwdTiles<T, DP, false, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim;
   unsigned char* smem = dynamic_shared_memory<unsigned char>();
@@ -55,7 +61,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dq_mma_kernel(const Atten
     // The tile's global rows with a key (finite lse); the others get no gradient.
     stage_rows<T, DP>(it.b, it.h, D, p.q, sQ, &p.grad_out, sdO, vec, query_ok, query_pos, [&](int row, int64_t& pos) {
       pos = row < it.rows ? index[it.g0 + row] : 0;
-      return row < it.rows && roles[pos] == kGlobal && lse[pos] != -INFINITY;
+      return row < it.rows && roles[pos] == kGlobal && (!kGeneral || p.is_query(pos)) && lse[pos] != -INFINITY;
     });
     cp_async_commit();
     keys.issue(0);
@@ -72,9 +78,19 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dq_mma_kernel(const Atten
     const OperandFragments<T, DP, S::kOperandsInRegisters> qf(sQ + warp * 16 * kPitch, lane);
     const OperandFragments<T, DP, S::kOperandsInRegisters> dof(sdO + warp * 16 * kPitch, lane);
     float dq[DP / 8][4] = {};
-    keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
-      accumulate_dq_tile<T, DP, S::kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
-    });
+    if constexpr (kGeneral) {
+      const TileModifiers mods(p, it.h);
+      const RowPositions positions{{rows.pos[0], rows.pos[1]}};
+      const int t = lane & 3;
+      keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int stage, auto allowed) {
+        accumulate_dq_tile<T, DP, S::kBlockK, true>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed,
+                                                    lane, mods, positions, keys.key_pos(stage) + 2 * t);
+      });
+    } else {
+      keys.run(rows, [&](const TileElem<T>* sK, const TileElem<T>* sV, int, auto allowed) {
+        accumulate_dq_tile<T, DP, S::kBlockK>(dq, qf, dof, sK, sV, lse_log2, row_delta, scale_log2, allowed, lane);
+      });
+    }
 
     if (it.chunks == 1) {
       store_rows<T, DP>(dq, p.grad_q, it.b, it.h, rows.pos, rows.ok, D, static_cast<float>(p.scale), false, lane);
@@ -97,10 +113,11 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dq_mma_kernel(const Atten
   }
 }
 
-template <typename T, int DP>
-__global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
-                                                             const float* delta, bool accumulate, bool vec) {
-  using S = BwdTiles<T, DP, true>;
+template <typename T, int DP, bool kGeneral>
+__global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_dkdv_mma_kernel(const AttentionParams p, const GlobalKeys gk,
+                                                                        const float* delta, bool accumulate,
+                                                                        bool vec) {
+  using S = BwdTiles<T, DP, true, kGeneral>;
   constexpr int kPitch = Rows<T, DP>::kPitch;
   const int64_t N = p.seqlen, D = p.head_dim;
   const int64_t tiles = ceil_div(N, kBlockRows);
@@ -138,33 +155,50 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, false) global_dkdv_mma_kernel(const Att
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-    accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-  });
+  if constexpr (kGeneral) {
+    const TileModifiers mods(p, h);
+    const RowPositions positions{{rows.pos[0], rows.pos[1]}};
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
+                                        positions);
+    });
+  } else {
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
+    });
+  }
   store_rows<T, DP>(dk, p.grad_k, b, h, rows.pos, rows.ok, D, static_cast<float>(p.scale), accumulate, lane);
   store_rows<T, DP>(dv, p.grad_v, b, h, rows.pos, rows.ok, D, 1.0f, accumulate, lane);
 }
 
+// Both kernels index the global rows, their lse and delta by position (indexed_by_position).
 template <typename T, int DP>
-int launch_global_backward_mma(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split,
+int launch_global_backward_mma(const AttentionParams& call, const GlobalKeys& g, const SplitShape& split,
                                void* workspace, bool accumulate, void* stream) {
-  const float* delta = static_cast<const float*>(workspace);
+  const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
+  const float* delta = static_cast<const float*>(workspace) - call.q_offset;
   float* partials = static_cast<float*>(workspace) + p.batch * p.heads * p.seqlen;
-  const RowMajorHeads* operands[] = {&p.q, &p.k, &p.v, &p.grad_out};
+  const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto dq = global_dq_mma_kernel<T, DP>;
-  auto dkdv = global_dkdv_mma_kernel<T, DP>;
-  constexpr int64_t kDqBytes = BwdTiles<T, DP, false>::kSmemBytes, kDkdvBytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if (const int err = allow_shared_bytes(dq, kDqBytes)) return err;
-  if (const int err = allow_shared_bytes(dkdv, kDkdvBytes)) return err;
+  auto dq = global_dq_mma_kernel<T, DP, false>;
+  auto dkdv = global_dkdv_mma_kernel<T, DP, false>;
+  int64_t dq_bytes = BwdTiles<T, DP, false>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true>::kSmemBytes;
+  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (global_attention_backward_mma_supports)
+    if (!p.is_longformer_only()) {
+      dq = global_dq_mma_kernel<T, DP, true>, dkdv = global_dkdv_mma_kernel<T, DP, true>;
+      dq_bytes = BwdTiles<T, DP, false, true>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
+    }
+  }
+  if (const int err = allow_shared_bytes(dq, dq_bytes)) return err;
+  if (const int err = allow_shared_bytes(dkdv, dkdv_bytes)) return err;
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kRowTile) * split.max_chunks;
   if (const int err = LONGFORMER_LAUNCH(dq, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))),
-                                        dim3(kThreads, 1, 1), static_cast<int>(kDqBytes), stream, p, g, split, delta,
+                                        dim3(kThreads, 1, 1), static_cast<int>(dq_bytes), stream, p, g, split, delta,
                                         partials, vec))
     return err;
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * ceil_div(p.seqlen, kBlockRows), grid)) return 1;  // cudaErrorInvalidValue
-  return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), static_cast<int>(kDkdvBytes), stream, p, g, delta,
+  return LONGFORMER_LAUNCH(dkdv, grid, dim3(kThreads, 1, 1), static_cast<int>(dkdv_bytes), stream, p, g, delta,
                            accumulate, vec);
 }
 
@@ -180,7 +214,8 @@ int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const Split
 }  // namespace
 
 bool global_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  if (!p.is_longformer_only()) return false;  // the general op's arguments run on the SIMT kernels
+  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
+  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
