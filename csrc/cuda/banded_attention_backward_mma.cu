@@ -145,18 +145,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) local_dkdv_mma_kernel(const A
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  if constexpr (kGeneral) {
-    const TileModifiers mods(p, w.h);
-    const RowPositions positions{{row_pos[0], row_pos[1]}};
-    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-      accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
-                                        positions);
-    });
-  } else {
-    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-    });
-  }
+  accumulate_dkdv<T, DP, kGeneral>(dk, dv, kf, vf, queries, rows, p, w.h, scale_log2, lane);
   store_rows<T, DP>(dk, p.grad_k, w.b, w.h, row_pos, row_ok, D, static_cast<float>(p.scale), false, lane);
   store_rows<T, DP>(dv, p.grad_v, w.b, w.h, row_pos, row_ok, D, 1.0f, false, lane);
 }
@@ -219,18 +208,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_keys_dkdv_mma_kernel(c
     const OperandFragments<T, DP, S::kOperandsInRegisters> kf(sK + warp * 16 * kPitch, lane);
     const OperandFragments<T, DP, S::kOperandsInRegisters> vf(sV + warp * 16 * kPitch, lane);
     float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-    if constexpr (kGeneral) {
-      const TileModifiers mods(p, h);
-      const RowPositions positions{{mine.pos[0], mine.pos[1]}};
-      queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-        accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
-                                          positions);
-      });
-    } else {
-      queries.run(mine, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-        accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-      });
-    }
+    accumulate_dkdv<T, DP, kGeneral>(dk, dv, kf, vf, queries, mine, p, h, scale_log2, lane);
 
     // The chunk's partial of each key of the tile: dK (times scale), then dV; zeros for a key that
     // is not global (its rows were not staged).
@@ -255,7 +233,7 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_keys_dkdv_mma_kernel(c
 
 // Both kernels index the query rows and delta by position (indexed_by_position): the dQ kernel's
 // blocks take the query rows, the dK/dV kernel's the keys.
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 int launch_local_backward_mma(const AttentionParams& call, const GlobalKeys& g, const float* call_delta,
                               void* stream) {
   const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
@@ -267,15 +245,10 @@ int launch_local_backward_mma(const AttentionParams& call, const GlobalKeys& g, 
     return 1;  // cudaErrorInvalidValue: too many blocks
   const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto dq = local_dq_mma_kernel<T, DP, false>;
-  auto dkdv = local_dkdv_mma_kernel<T, DP, false>;
-  int64_t dq_bytes = BwdTiles<T, DP, false>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (banded_attention_backward_mma_supports)
-    if (!p.is_longformer_only()) {
-      dq = local_dq_mma_kernel<T, DP, true>, dkdv = local_dkdv_mma_kernel<T, DP, true>;
-      dq_bytes = BwdTiles<T, DP, false, true>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
-    }
-  }
+  auto dq = local_dq_mma_kernel<T, DP, kGeneral>;
+  auto dkdv = local_dkdv_mma_kernel<T, DP, kGeneral>;
+  const int64_t dq_bytes = BwdTiles<T, DP, false, kGeneral>::kSmemBytes;
+  const int64_t dkdv_bytes = BwdTiles<T, DP, true, kGeneral>::kSmemBytes;
   if (const int err = allow_shared_bytes(dq, dq_bytes)) return err;
   if (const int err = allow_shared_bytes(dkdv, dkdv_bytes)) return err;
   if (const int err = LONGFORMER_LAUNCH(dq, dq_grid, dim3(kThreads, 1, 1), static_cast<int>(dq_bytes), stream, p, g,
@@ -285,21 +258,15 @@ int launch_local_backward_mma(const AttentionParams& call, const GlobalKeys& g, 
                            dkdv_slots, vec);
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 int launch_global_keys_mma(const AttentionParams& call, const GlobalKeys& g, void* workspace, void* stream) {
   const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
   const int64_t max_chunks = max_i64(ceil_div(p.seqlen, kChunkRows), 1);
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * max_chunks;
   const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto kernel = global_keys_dkdv_mma_kernel<T, DP, false>;
-  int64_t bytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if constexpr (DP > 32) {
-    if (!p.is_longformer_only()) {
-      kernel = global_keys_dkdv_mma_kernel<T, DP, true>;
-      bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
-    }
-  }
+  auto kernel = global_keys_dkdv_mma_kernel<T, DP, kGeneral>;
+  const int64_t bytes = BwdTiles<T, DP, true, kGeneral>::kSmemBytes;
   if (const int err = allow_shared_bytes(kernel, bytes)) return err;
   // A prime number of blocks, fewer than items where there are many: see global_split.h.
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
@@ -307,61 +274,28 @@ int launch_global_keys_mma(const AttentionParams& call, const GlobalKeys& g, voi
                            partials_of<float>(p, workspace), max_chunks, vec);
 }
 
-template <typename T>
-int dispatch_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace, void* stream) {
-  if (p.head_dim <= 32) return launch_global_keys_mma<T, 32>(p, g, workspace, stream);
-  if (p.head_dim <= 64) return launch_global_keys_mma<T, 64>(p, g, workspace, stream);
-  if (p.head_dim <= 128) return launch_global_keys_mma<T, 128>(p, g, workspace, stream);
-  return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
-}
-
-template <typename T>
-int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const float* delta, void* stream) {
-  if (p.head_dim <= 32) return launch_local_backward_mma<T, 32>(p, g, delta, stream);
-  if (p.head_dim <= 64) return launch_local_backward_mma<T, 64>(p, g, delta, stream);
-  if (p.head_dim <= 128) return launch_local_backward_mma<T, 128>(p, g, delta, stream);
-  return 1;  // cudaErrorInvalidValue: see banded_attention_backward_mma_supports
-}
-
 }  // namespace
 
 bool banded_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
-  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
+  if (!tiled_arguments(p)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
 int banded_attention_backward_mma_local(const AttentionParams& p, const GlobalKeys& g, const float* delta,
                                         DType dtype, void* stream) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return dispatch_head_dim<__half>(p, g, delta, stream);
-    case DType::kBFloat16:
-      return dispatch_head_dim<__nv_bfloat16>(p, g, delta, stream);
-    case DType::kFloat32:
-      return dispatch_head_dim<float>(p, g, delta, stream);
-    case DType::kFloat32Tf32:
-      return dispatch_head_dim<Tf32>(p, g, delta, stream);
-    default:
-      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
-  }
+  return launch_tiled<128>(p, dtype, [&](auto shape) {
+    using S = decltype(shape);
+    return launch_local_backward_mma<typename S::T, S::DP, S::kGeneral>(p, g, delta, stream);
+  });
 }
 
 int banded_attention_backward_mma_global_keys(const AttentionParams& p, const GlobalKeys& g, void* workspace,
                                               DType dtype, void* stream) {
-  switch (dtype) {
-    case DType::kFloat16:
-      return dispatch_global_keys<__half>(p, g, workspace, stream);
-    case DType::kBFloat16:
-      return dispatch_global_keys<__nv_bfloat16>(p, g, workspace, stream);
-    case DType::kFloat32:
-      return dispatch_global_keys<float>(p, g, workspace, stream);
-    case DType::kFloat32Tf32:
-      return dispatch_global_keys<Tf32>(p, g, workspace, stream);
-    default:
-      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
-  }
+  return launch_tiled<128>(p, dtype, [&](auto shape) {
+    using S = decltype(shape);
+    return launch_global_keys_mma<typename S::T, S::DP, S::kGeneral>(p, g, workspace, stream);
+  });
 }
 
 }  // namespace longformer::cuda

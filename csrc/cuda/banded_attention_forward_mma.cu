@@ -115,60 +115,36 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) banded_attention_forward_mma_
   }
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 int launch_forward_mma(const AttentionParams& call, const GlobalKeys& g, void* stream) {
-  static_assert(FwdTiles<T, DP, false>::kSmemBytes == FwdTiles<T, DP, true>::kSmemBytes, "one size for both");
-  using Tiles = FwdTiles<T, DP, false>;
+  using Tiles = FwdTiles<T, DP, kGeneral>;
   const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
   const int64_t slots = slots_per_head(p, query_rows(p));
   dim3 grid;
   if (!grid_for_blocks(p.batch * p.heads * slots, grid)) return 1;  // cudaErrorInvalidValue: too many blocks
   const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
-  auto kernel = banded_attention_forward_mma_kernel<T, DP, false>;
-  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (see the top)
-    if (!p.is_longformer_only()) kernel = banded_attention_forward_mma_kernel<T, DP, true>;
-  }
+  auto kernel = banded_attention_forward_mma_kernel<T, DP, kGeneral>;
   // DP = 128 and 256 need more than the default 48 KiB of dynamic shared memory.
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, grid, dim3(kThreads, 1, 1), static_cast<int>(Tiles::kSmemBytes), stream, p, g,
                            slots, vec);
 }
 
-template <typename T>
-int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, void* stream) {
-  if (p.head_dim <= 32) return launch_forward_mma<T, 32>(p, g, stream);
-  if (p.head_dim <= 64) return launch_forward_mma<T, 64>(p, g, stream);
-  if (p.head_dim <= 128) return launch_forward_mma<T, 128>(p, g, stream);
-  if constexpr (!kFloatTiles<T>) {
-    if (p.head_dim <= 256) return launch_forward_mma<T, 256>(p, g, stream);
-  }
-  return 1;  // cudaErrorInvalidValue: see banded_attention_forward_mma_supports
-}
-
 }  // namespace
 
 bool banded_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
-  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
+  if (!tiled_arguments(p)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }
 
 int banded_attention_forward_mma(const AttentionParams& p, const GlobalKeys& g, DType dtype, void* stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen == 0) return 0;
-  switch (dtype) {
-    case DType::kFloat16:
-      return dispatch_head_dim<__half>(p, g, stream);
-    case DType::kBFloat16:
-      return dispatch_head_dim<__nv_bfloat16>(p, g, stream);
-    case DType::kFloat32:
-      return dispatch_head_dim<float>(p, g, stream);
-    case DType::kFloat32Tf32:
-      return dispatch_head_dim<Tf32>(p, g, stream);
-    default:
-      return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
-  }
+  return launch_tiled<256>(p, dtype, [&](auto shape) {
+    using S = decltype(shape);
+    return launch_forward_mma<typename S::T, S::DP, S::kGeneral>(p, g, stream);
+  });
 }
 
 }  // namespace longformer::cuda

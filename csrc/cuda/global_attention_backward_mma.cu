@@ -155,24 +155,13 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_dkdv_mma_kernel(const 
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
 
-  if constexpr (kGeneral) {
-    const TileModifiers mods(p, h);
-    const RowPositions positions{{rows.pos[0], rows.pos[1]}};
-    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-      accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
-                                        positions);
-    });
-  } else {
-    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
-      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
-    });
-  }
+  accumulate_dkdv<T, DP, kGeneral>(dk, dv, kf, vf, queries, rows, p, h, scale_log2, lane);
   store_rows<T, DP>(dk, p.grad_k, b, h, rows.pos, rows.ok, D, static_cast<float>(p.scale), accumulate, lane);
   store_rows<T, DP>(dv, p.grad_v, b, h, rows.pos, rows.ok, D, 1.0f, accumulate, lane);
 }
 
 // Both kernels index the global rows, their lse and delta by position (indexed_by_position).
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 int launch_global_backward_mma(const AttentionParams& call, const GlobalKeys& g, const SplitShape& split,
                                void* workspace, bool accumulate, void* stream) {
   const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
@@ -180,15 +169,10 @@ int launch_global_backward_mma(const AttentionParams& call, const GlobalKeys& g,
   float* partials = static_cast<float*>(workspace) + p.batch * p.heads * p.seqlen;
   const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v, &call.grad_out};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 4);
-  auto dq = global_dq_mma_kernel<T, DP, false>;
-  auto dkdv = global_dkdv_mma_kernel<T, DP, false>;
-  int64_t dq_bytes = BwdTiles<T, DP, false>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true>::kSmemBytes;
-  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT (global_attention_backward_mma_supports)
-    if (!p.is_longformer_only()) {
-      dq = global_dq_mma_kernel<T, DP, true>, dkdv = global_dkdv_mma_kernel<T, DP, true>;
-      dq_bytes = BwdTiles<T, DP, false, true>::kSmemBytes, dkdv_bytes = BwdTiles<T, DP, true, true>::kSmemBytes;
-    }
-  }
+  auto dq = global_dq_mma_kernel<T, DP, kGeneral>;
+  auto dkdv = global_dkdv_mma_kernel<T, DP, kGeneral>;
+  const int64_t dq_bytes = BwdTiles<T, DP, false, kGeneral>::kSmemBytes;
+  const int64_t dkdv_bytes = BwdTiles<T, DP, true, kGeneral>::kSmemBytes;
   if (const int err = allow_shared_bytes(dq, dq_bytes)) return err;
   if (const int err = allow_shared_bytes(dkdv, dkdv_bytes)) return err;
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kRowTile) * split.max_chunks;
@@ -202,31 +186,20 @@ int launch_global_backward_mma(const AttentionParams& call, const GlobalKeys& g,
                            accumulate, vec);
 }
 
-template <typename T>
-int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
-                      bool accumulate, void* stream) {
-  if (p.head_dim <= 32) return launch_global_backward_mma<T, 32>(p, g, split, workspace, accumulate, stream);
-  if (p.head_dim <= 64) return launch_global_backward_mma<T, 64>(p, g, split, workspace, accumulate, stream);
-  if (p.head_dim <= 128) return launch_global_backward_mma<T, 128>(p, g, split, workspace, accumulate, stream);
-  return 1;  // cudaErrorInvalidValue: see global_attention_backward_mma_supports
-}
-
 }  // namespace
 
 bool global_attention_backward_mma_supports(const AttentionParams& p, DType dtype) {
-  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
-  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
+  if (!tiled_arguments(p)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return float_backward_fits(p.head_dim);
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 128;
 }
 
 int global_attention_backward_mma(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split,
                                   void* workspace, DType dtype, bool accumulate, void* stream) {
-  if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, accumulate, stream);
-  if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, accumulate, stream);
-  if (dtype == DType::kFloat32) return dispatch_head_dim<float>(p, g, split, workspace, accumulate, stream);
-  if (dtype == DType::kFloat32Tf32) return dispatch_head_dim<Tf32>(p, g, split, workspace, accumulate, stream);
-  return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
+  return launch_tiled<128>(p, dtype, [&](auto shape) {
+    using S = decltype(shape);
+    return launch_global_backward_mma<typename S::T, S::DP, S::kGeneral>(p, g, split, workspace, accumulate, stream);
+  });
 }
 
 }  // namespace longformer::cuda

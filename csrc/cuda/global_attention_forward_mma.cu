@@ -135,53 +135,35 @@ __global__ void LONGFORMER_MMA_BOUNDS(T, kGeneral) global_rows_forward_mma_kerne
   }
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool kGeneral>
 int launch_global_rows_mma(const AttentionParams& call, const GlobalKeys& g, const SplitShape& split,
                            void* workspace, void* stream) {
-  static_assert(GlobalRowTiles<T, DP, false>::kSmemBytes == GlobalRowTiles<T, DP, true>::kSmemBytes, "one size");
-  using Tiles = GlobalRowTiles<T, DP, false>;
+  using Tiles = GlobalRowTiles<T, DP, kGeneral>;
   const AttentionParams p = indexed_by_position(call, sizeof(TileElem<T>));
   const int64_t items = p.batch * p.heads * ceil_div(p.seqlen, kBlockRows) * split.max_chunks;
   const RowMajorHeads* operands[] = {&call.q, &call.k, &call.v};
   const bool vec = rows_are_16_byte_aligned<T>(p.head_dim, operands, 3);
-  auto kernel = global_rows_forward_mma_kernel<T, DP, false>;
-  if constexpr (DP > 32) {  // the general op with D <= 32 runs on SIMT
-    if (!p.is_longformer_only()) kernel = global_rows_forward_mma_kernel<T, DP, true>;
-  }
+  auto kernel = global_rows_forward_mma_kernel<T, DP, kGeneral>;
   if (const int err = allow_shared_bytes(kernel, Tiles::kSmemBytes)) return err;
   return LONGFORMER_LAUNCH(kernel, dim3(static_cast<unsigned>(min_i64(items, kMmaGridCap))), dim3(kThreads, 1, 1),
                            static_cast<int>(Tiles::kSmemBytes), stream, p, g, split, static_cast<float*>(workspace),
                            vec);
 }
 
-template <typename T>
-int dispatch_head_dim(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split, void* workspace,
-                      void* stream) {
-  if (p.head_dim <= 32) return launch_global_rows_mma<T, 32>(p, g, split, workspace, stream);
-  if (p.head_dim <= 64) return launch_global_rows_mma<T, 64>(p, g, split, workspace, stream);
-  if (p.head_dim <= 128) return launch_global_rows_mma<T, 128>(p, g, split, workspace, stream);
-  if constexpr (!kFloatTiles<T>) {
-    if (p.head_dim <= 256) return launch_global_rows_mma<T, 256>(p, g, split, workspace, stream);
-  }
-  return 1;  // cudaErrorInvalidValue: see global_attention_forward_mma_supports
-}
-
 }  // namespace
 
 bool global_attention_forward_mma_supports(const AttentionParams& p, DType dtype) {
-  // Grouped KV heads run as slices (kv_group_slices.h); the general op with D <= 32 on SIMT.
-  if (p.heads_kv != p.heads || (!p.is_longformer_only() && p.head_dim <= 32)) return false;
+  if (!tiled_arguments(p)) return false;
   if (dtype == DType::kFloat32 || dtype == DType::kFloat32Tf32) return p.head_dim <= 128;
   return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && p.head_dim <= 256;
 }
 
 int global_attention_forward_mma_chunks(const AttentionParams& p, const GlobalKeys& g, const SplitShape& split,
                                         void* workspace, DType dtype, void* stream) {
-  if (dtype == DType::kFloat16) return dispatch_head_dim<__half>(p, g, split, workspace, stream);
-  if (dtype == DType::kBFloat16) return dispatch_head_dim<__nv_bfloat16>(p, g, split, workspace, stream);
-  if (dtype == DType::kFloat32) return dispatch_head_dim<float>(p, g, split, workspace, stream);
-  if (dtype == DType::kFloat32Tf32) return dispatch_head_dim<Tf32>(p, g, split, workspace, stream);
-  return 1;  // cudaErrorInvalidValue: float64 takes the SIMT path
+  return launch_tiled<256>(p, dtype, [&](auto shape) {
+    using S = decltype(shape);
+    return launch_global_rows_mma<typename S::T, S::DP, S::kGeneral>(p, g, split, workspace, stream);
+  });
 }
 
 }  // namespace longformer::cuda

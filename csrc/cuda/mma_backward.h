@@ -113,6 +113,27 @@ __device__ __forceinline__ void accumulate_dkdv_tile(float (&dk)[DP / 8][4], flo
   warp_accumulate_rows<T, DP, Tiles::kTileRows>(dk, dpt, sQ, lane);
 }
 
+// A dK/dV kernel's walk: accumulate_dkdv_tile over every query tile that `queries` stages for this
+// thread's key rows `rows` of head h. The general instantiation takes head h's score modifiers and
+// the key rows' positions.
+template <typename T, int DP, bool kGeneral, typename Tiles, typename Fragments>
+__device__ __forceinline__ void accumulate_dkdv(float (&dk)[DP / 8][4], float (&dv)[DP / 8][4], const Fragments& kf,
+                                                const Fragments& vf, Tiles& queries, const ThreadRows& rows,
+                                                const AttentionParams& p, int64_t h, float scale_log2, int lane) {
+  if constexpr (kGeneral) {
+    const TileModifiers mods(p, h);
+    const RowPositions positions{{rows.pos[0], rows.pos[1]}};
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP, true>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane, mods,
+                                        positions);
+    });
+  } else {
+    queries.run(rows, [&](const TileElem<T>* sQ, const TileElem<T>* sdO, int stage, auto allowed) {
+      accumulate_dkdv_tile<T, DP>(dk, dv, kf, vf, queries, sQ, sdO, stage, scale_log2, allowed, lane);
+    });
+  }
+}
+
 // Writes this thread's part of a 16 x DP accumulator tile (rows g and g + 8 of its warp) to the
 // `dst` rows of (b, h) at row_pos, times `scale`, for the rows with row_ok; with `accumulate` added
 // to what those rows hold (in fp32, one rounding).
