@@ -147,48 +147,48 @@ MMA_FORWARD_KERNELS = ("banded_attention_forward_mma_kernel", "global_rows_forwa
 TF32_TILES = "longformer::cuda::mma_tiles::Tf32"  # the kernels' type argument for float32 as TF32
 TF32_TILE_REGISTERS = {kernel: dict(tiles) for kernel, tiles in FLOAT_TILE_REGISTERS.items()}
 TF32_TILE_REGISTERS["banded_attention_forward_mma_kernel"][32] = 192
-# The general op's instantiations of the tiled kernels (kGeneral, head dims above 32 only; general
-# calls with D <= 32 run on SIMT): every tiled kernel, local and global rows, forward and backward,
-# takes every argument but grouped KV heads (slices of calls without grouping). Score modifiers
-# per element (tanh, ALiBi distance from the staged key positions), each row's sequence bounds and a
-# sink cost registers; these instantiations ask for one resident block in their launch bounds
-# (with none, ptxas held the 16-bit forwards at 168 and spilled 16-24 bytes). nvcc 13.0, sm_80 and
-# sm_90, blocks per SM by the 64K-register file: 16-bit forwards 200-205 at D = 64 (2 blocks, the
-# plain ones 3), 252-254 at 128 and 230-235 at 256 (as the plain ones); dQ 243-251 and 220-226, dK/dV
-# (32 query rows per tile at D = 64) 237-238 and 247-248, the global keys' dK/dV 237-245 and
-# 247-251, the global rows' dK/dV 206-213 and 230-231 (2 blocks, as the plain ones). Float:
-# forwards 168 and 180-203, dQ 190-208 and 192-216, dK/dV 153-190 and 231-252. TF32: forwards
-# 157-174, dQ 168-183, dK/dV 157-192 and 219-254.
+# The general op's instantiations of the tiled kernels (kGeneral): every tiled kernel, local and
+# global rows, forward and backward, takes every argument but grouped KV heads (slices of calls
+# without grouping). Score modifiers per element (tanh, ALiBi distance from the staged key
+# positions), each row's sequence bounds and a sink cost registers; these instantiations ask for one
+# resident block in their launch bounds (with none, ptxas held the 16-bit forwards at 168 and
+# spilled 16-24 bytes). nvcc 13.0, sm_80 and sm_90, blocks per SM by the 64K-register file: 16-bit
+# forwards 167-168 at D = 32 (3 blocks, as the plain ones), 200-205 at 64 (2 blocks, the plain ones
+# 3), 252-254 at 128 and 230-235 at 256 (as the plain ones); dQ 208-214, 243-251 and 220-226, dK/dV
+# (32 query rows per tile at D = 64) 176-179, 237-238 and 247-248, the global keys' dK/dV 175-190,
+# 237-245 and 247-251, the global rows' dK/dV 151-155, 206-213 and 230-231. Float: forwards 168,
+# 168 and 180-203, dQ 168, 190-208 and 192-216, dK/dV 168-204, 153-190 and 231-252. TF32: forwards
+# 174-195 at D = 32 and 157-174 above, dQ 149-152 and 168-183, dK/dV 147-178, 157-192 and 219-254.
 GENERAL_BACKWARD_KERNELS = MMA_BACKWARD_KERNELS
 GENERAL_KERNELS = MMA_FORWARD_KERNELS + GENERAL_BACKWARD_KERNELS
 GENERAL_REGISTERS = {
-    "half": {"banded_attention_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
-             "global_rows_forward_mma_kernel": {64: 208, 128: 255, 256: 240},
-             "local_dq_mma_kernel": {64: 255, 128: 232},
-             "local_dkdv_mma_kernel": {64: 240, 128: 255},
-             "global_keys_dkdv_mma_kernel": {64: 248, 128: 255},
-             "global_dq_mma_kernel": {64: 248, 128: 232},
-             "global_dkdv_mma_kernel": {64: 216, 128: 240}},
-    "float": {"banded_attention_forward_mma_kernel": {64: 168, 128: 192},
-              "global_rows_forward_mma_kernel": {64: 168, 128: 208},
-              "local_dq_mma_kernel": {64: 216, 128: 216},
-              "local_dkdv_mma_kernel": {64: 192, 128: 255},
-              "global_keys_dkdv_mma_kernel": {64: 192, 128: 255},
-              "global_dq_mma_kernel": {64: 216, 128: 216},
-              "global_dkdv_mma_kernel": {64: 168, 128: 248}},
-    "tf32": {"banded_attention_forward_mma_kernel": {64: 168, 128: 168},
-             "global_rows_forward_mma_kernel": {64: 168, 128: 176},
-             "local_dq_mma_kernel": {64: 168, 128: 192},
-             "local_dkdv_mma_kernel": {64: 192, 128: 255},
-             "global_keys_dkdv_mma_kernel": {64: 192, 128: 255},
-             "global_dq_mma_kernel": {64: 168, 128: 192},
-             "global_dkdv_mma_kernel": {64: 168, 128: 232}},
+    "half": {"banded_attention_forward_mma_kernel": {32: 168, 64: 208, 128: 255, 256: 240},
+             "global_rows_forward_mma_kernel": {32: 168, 64: 208, 128: 255, 256: 240},
+             "local_dq_mma_kernel": {32: 216, 64: 255, 128: 232},
+             "local_dkdv_mma_kernel": {32: 184, 64: 240, 128: 255},
+             "global_keys_dkdv_mma_kernel": {32: 192, 64: 248, 128: 255},
+             "global_dq_mma_kernel": {32: 216, 64: 248, 128: 232},
+             "global_dkdv_mma_kernel": {32: 160, 64: 216, 128: 240}},
+    "float": {"banded_attention_forward_mma_kernel": {32: 168, 64: 168, 128: 192},
+              "global_rows_forward_mma_kernel": {32: 168, 64: 168, 128: 208},
+              "local_dq_mma_kernel": {32: 168, 64: 216, 128: 216},
+              "local_dkdv_mma_kernel": {32: 200, 64: 192, 128: 255},
+              "global_keys_dkdv_mma_kernel": {32: 208, 64: 192, 128: 255},
+              "global_dq_mma_kernel": {32: 168, 64: 216, 128: 216},
+              "global_dkdv_mma_kernel": {32: 168, 64: 168, 128: 248}},
+    "tf32": {"banded_attention_forward_mma_kernel": {32: 200, 64: 168, 128: 168},
+             "global_rows_forward_mma_kernel": {32: 200, 64: 168, 128: 176},
+             "local_dq_mma_kernel": {32: 160, 64: 168, 128: 192},
+             "local_dkdv_mma_kernel": {32: 168, 64: 192, 128: 255},
+             "global_keys_dkdv_mma_kernel": {32: 184, 64: 192, 128: 255},
+             "global_dq_mma_kernel": {32: 160, 64: 168, 128: 192},
+             "global_dkdv_mma_kernel": {32: 160, 64: 168, 128: 232}},
 }
 # Their float instantiations' SHFL count (as FLOAT_TILE_SHUFFLES): the compiler unrolls their loops
 # differently, sm_90 up to 148 in the forward at D = 64 and 116 in dQ.
 GENERAL_FLOAT_TILE_SHUFFLES = {
-    **{kernel: {64: 160, 128: 112} for kernel in MMA_FORWARD_KERNELS},
-    **{kernel: {64: 128, 128: 96} for kernel in GENERAL_BACKWARD_KERNELS},
+    **{kernel: {32: 256, 64: 160, 128: 112} for kernel in MMA_FORWARD_KERNELS},
+    **{kernel: {32: 128, 64: 128, 128: 96} for kernel in GENERAL_BACKWARD_KERNELS},
 }
 # SIMT kernels. The general op's arguments (score modifiers, packed sequences' bounds) took the
 # largest, the global keys' dK/dV partials at 128 < D <= 256 (8 values per lane in six rows, blocks
@@ -228,8 +228,8 @@ def test_tiled_forward_pipelines_its_tiles_with_cp_async():
     for arch in ARCHS:
         for kernel in MMA_FORWARD_KERNELS:
             kernels = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<" in name}
-            assert len(kernels) == 24, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3, plain, "
-                                        f"and those above 32 general too, on {arch}, found {sorted(kernels)}")
+            assert len(kernels) == 28, (f"expected 2 16-bit dtypes x 4 head-dim tiles and float, TF32 x 3, plain "
+                                        f"and general, on {arch}, found {sorted(kernels)}")
             for name, text in kernels.items():
                 # 16-byte cp.async (LDGSTS ... .128), commit (LDGDEPBAR) and wait (DEPBAR) instructions.
                 assert re.search(r"LDGSTS\S*\.128", text), f"{name} on {arch} has no 16-byte cp.async"
@@ -254,7 +254,7 @@ def test_half_backward_uses_tensor_cores_and_no_shuffles():
         for kernel in MMA_BACKWARD_KERNELS:
             found = {name: text for (a, name), text in sass.items()
                      if a == arch and re.search(kernel + r"<(__half|__nv_bfloat16),", name)}
-            assert len(found) == 10, (f"expected 2 dtypes x 3 head-dim tiles of {kernel}, and x 2 general (64, 128), "
+            assert len(found) == 12, (f"expected 2 dtypes x 3 head-dim tiles of {kernel}, plain and general, "
                                       f"on {arch}, found {sorted(found)}")
             for name, text in found.items():
                 assert "HMMA" in text, f"{name} on {arch} has no HMMA instruction"
@@ -270,7 +270,7 @@ def test_float_tiles_are_exact_fp32_fma():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and kernel + "<float," in name}
-            expected = len(tiles) + (len(tiles) - 1 if kernel in GENERAL_KERNELS else 0)  # general: D > 32
+            expected = len(tiles) * (2 if kernel in GENERAL_KERNELS else 1)  # plain and general
             assert len(found) == expected, f"expected {expected} float instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert "HMMA" not in text, f"{name} on {arch} uses tensor cores"
@@ -290,7 +290,7 @@ def test_tf32_tiles_use_tensor_cores():
     for arch in ARCHS:
         for kernel, tiles in FLOAT_TILE_REGISTERS.items():
             found = {name: text for (a, name), text in sass.items() if a == arch and f"{kernel}<{TF32_TILES}," in name}
-            expected = len(tiles) + (len(tiles) - 1 if kernel in GENERAL_KERNELS else 0)  # general: D > 32
+            expected = len(tiles) * (2 if kernel in GENERAL_KERNELS else 1)  # plain and general
             assert len(found) == expected, f"expected {expected} TF32 instantiations of {kernel} on {arch}"
             for name, text in found.items():
                 assert re.search(r"HMMA\.1688\.F32\.TF32", text), f"{name} on {arch} has no TF32 HMMA"

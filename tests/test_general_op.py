@@ -146,7 +146,7 @@ def test_emulated_grouped_kv_heads_on_both_cuda_paths(dtype, path, monkeypatch):
 @pytest.mark.parametrize("path", ["mma", "simt"])
 def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
     """softcap on the tiled CUDA forward (local rows; global rows written whole and, at N = 600,
-    split into chunks; head dims above 32) and on the SIMT one, against the oracle (the backward on
+    split into chunks) and on the SIMT one, against the oracle (the backward on
     the default path); with grouped KV heads (the slices of query heads), and with sinks."""
     load_emulation_or_skip()
     monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
@@ -160,22 +160,23 @@ def test_emulated_softcap_on_both_cuda_forwards(dtype, path, monkeypatch):
             _check_against_oracle(case)
 
 
-# The general op on the tiled CUDA kernels (head dims above 32): each argument, alone and combined,
-# forward and backward, with dilation, causal windows, global tokens and padding.
+# The general op on the tiled CUDA kernels (padded head dims 32, 64 and 128): each argument, alone
+# and combined, forward and backward, with dilation, causal windows, global tokens and padding.
 TILED_GENERAL_CASES = [
-    # features, batch, heads / KV heads, Nq / Nk, window, causal, dilation
-    ({"q_offset"}, 2, (4, 4), (60, 150), (6, 3), False, [1, 2, 3, 1]),
-    ({"q_offset", "gqa", "lse"}, 2, (4, 2), (70, 150), (9, 0), True, [1, 2, 1, 3]),
-    ({"cu_seqlens"}, 1, (4, 4), (150, 150), (7, 5), False, [1, 3, 2, 1]),
-    ({"cu_seqlens", "gqa", "softcap"}, 1, (4, 1), (150, 150), (12, 0), True, [2, 1, 1, 3]),
-    ({"softcap", "alibi", "lse"}, 2, (4, 4), (90, 90), (5, 8), False, [1, 2, 1, 2]),
-    ({"sinks", "alibi"}, 2, (4, 4), (90, 90), (10, 0), True, [3, 1, 2, 1]),
-    ({"sinks", "q_offset", "softcap"}, 2, (4, 4), (33, 120), (200, 3), False, [1, 1, 2, 2]),
-    ({"cu_seqlens", "softcap", "alibi", "sinks", "lse"}, 1, (4, 4), (160, 160), (16, 16), False, [1, 2, 3, 1]),
-    ({"gqa", "sinks", "alibi", "lse"}, 2, (6, 2), (80, 80), (7, 0), True, [1, 2, 3, 2, 1, 1]),
-    ({"gqa", "sinks", "q_offset", "softcap"}, 2, (4, 2), (50, 130), (20, 20), False, [2, 1, 1, 3]),
+    # features, batch, heads / KV heads, Nq / Nk, head dim, window, causal, dilation
+    ({"q_offset"}, 2, (4, 4), (60, 150), 40, (6, 3), False, [1, 2, 3, 1]),
+    ({"q_offset", "gqa", "lse"}, 2, (4, 2), (70, 150), 24, (9, 0), True, [1, 2, 1, 3]),
+    ({"cu_seqlens"}, 1, (4, 4), (150, 150), 40, (7, 5), False, [1, 3, 2, 1]),
+    ({"cu_seqlens", "gqa", "softcap"}, 1, (4, 1), (150, 150), 32, (12, 0), True, [2, 1, 1, 3]),
+    ({"softcap", "alibi", "lse"}, 2, (4, 4), (90, 90), 72, (5, 8), False, [1, 2, 1, 2]),
+    ({"sinks", "alibi"}, 2, (4, 4), (90, 90), 16, (10, 0), True, [3, 1, 2, 1]),
+    ({"sinks", "q_offset", "softcap"}, 2, (4, 4), (33, 120), 40, (200, 3), False, [1, 1, 2, 2]),
+    ({"cu_seqlens", "softcap", "alibi", "sinks", "lse"}, 1, (4, 4), (160, 160), 28, (16, 16), False, [1, 2, 3, 1]),
+    ({"gqa", "sinks", "alibi", "lse"}, 2, (6, 2), (80, 80), 40, (7, 0), True, [1, 2, 3, 2, 1, 1]),
+    ({"gqa", "sinks", "q_offset", "softcap"}, 2, (4, 2), (50, 130), 8, (20, 20), False, [2, 1, 1, 3]),
     # global rows whose keys are split over chunks (N = 600), combined with their sink by SIMT
-    ({"sinks", "alibi", "q_offset", "lse"}, 1, (2, 2), (300, 600), (8, 8), False, [1, 2]),
+    ({"sinks", "alibi", "q_offset", "lse"}, 1, (2, 2), (300, 600), 40, (8, 8), False, [1, 2]),
+    ({"sinks", "softcap", "cu_seqlens"}, 1, (2, 2), (600, 600), 32, (8, 8), False, [1, 2]),
 ]
 
 
@@ -187,12 +188,12 @@ def test_emulated_general_op_on_the_tiled_cuda_kernels(index, dtype, monkeypatch
     two paths must also differ bitwise (the tiled kernels round P to 16 bits), which shows the
     tiled kernels ran rather than declining the call to SIMT."""
     load_emulation_or_skip()
-    features, b, (h, h_kv), (nq, nk), window, causal, dilation = TILED_GENERAL_CASES[index]
+    features, b, (h, h_kv), (nq, nk), d, window, causal, dilation = TILED_GENERAL_CASES[index]
     results = {}
     for path in ("mma", "simt"):
         monkeypatch.setenv("LONGFORMER_CUDA_FORWARD", path)
         monkeypatch.setenv("LONGFORMER_CUDA_BACKWARD", path)
-        case = dict(index=index, features=features, b=b, h=h, h_kv=h_kv, nq=nq, nk=nk, d=40, window=window,
+        case = dict(index=index, features=features, b=b, h=h, h_kv=h_kv, nq=nq, nk=nk, d=d, window=window,
                     dilation=dilation, causal=causal, globals="some", projections=index % 2 == 1, padding=True,
                     q_offset="explicit" if "q_offset" in features and index % 2 == 0 else None, dtype=dtype,
                     head_split=index % 3 == 0, seed=900 + index, rng=random.Random(90 + index))

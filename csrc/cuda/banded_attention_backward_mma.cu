@@ -22,7 +22,7 @@
 // in padding rows cannot reach a result.
 //
 // The general op's arguments (docs/design.md §2.2) run in a second instantiation of each kernel
-// (kGeneral; head dims above 32), as in the forward: the dQ kernel's blocks take the query rows
+// (kGeneral), as in the forward: the dQ kernel's blocks take the query rows
 // [q_offset, q_offset + Nq) and the query tiles of the dK/dV kernels only those rows; a pair sees
 // only its own packed sequence (cu_seqlens); P goes through softcap and ALiBi
 // (mma_tiles::TileModifiers) and dS takes the softcap's derivative. Sinks change nothing here: the

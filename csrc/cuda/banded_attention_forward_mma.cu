@@ -14,12 +14,11 @@
 // accumulates O += P V with P rounded to 16 bits and reused in registers as the A fragment (float
 // tiles: the same steps on FMA, fma_tiles.h, P kept in fp32).
 //
-// The general op's arguments (docs/design.md §2.2) run in a second instantiation (kGeneral; head
-// dims above 32: at 32 it needs more registers than the plain kernel's budget): the blocks take
-// the query rows [q_offset, q_offset + Nq) (mma_tiles.h: decode_block, indexed_by_position), a row
-// sees only keys of its own packed sequence (cu_seqlens), the scores go through softcap and ALiBi
-// (TileModifiers) and a sink's logit joins each row's denominator. Grouped KV heads run as slices
-// of query heads (kv_group_slices.h).
+// The general op's arguments (docs/design.md §2.2) run in a second instantiation (kGeneral, picked
+// by mma_tiles.h's launch_tiled): the blocks take the query rows [q_offset, q_offset + Nq)
+// (mma_tiles.h: decode_block, indexed_by_position), a row sees only keys of its own packed sequence
+// (cu_seqlens), the scores go through softcap and ALiBi (TileModifiers) and a sink's logit joins
+// each row's denominator. Grouped KV heads run as slices of query heads (kv_group_slices.h).
 //
 // Head dims 32, 64, 128 are compile-time tiles; any other D <= 256 runs in the next tile (32, 64,
 // 128, 256) with the missing columns zero in shared memory, so they add nothing to Q K^T and their

@@ -16,11 +16,11 @@
 //   them.
 // One owner per output tile: deterministic, no atomics. Excluded rows are zero in shared memory.
 //
-// The general op's arguments run in a second instantiation of each kernel (kGeneral; head dims
-// above 32), as for the local rows (banded_attention_backward_mma.cu): only the global rows among
-// the queries are rows (dQ) or query tiles (dK/dV), indexed by position (indexed_by_position), a
-// pair sees only its own packed sequence, P goes through softcap and ALiBi and dS takes the cap's
-// derivative (mma_tiles::TileModifiers).
+// The general op's arguments run in a second instantiation of each kernel (kGeneral), as for the
+// local rows (banded_attention_backward_mma.cu): only the global rows among the queries are rows
+// (dQ) or query tiles (dK/dV), indexed by position (indexed_by_position), a pair sees only its own
+// packed sequence, P goes through softcap and ALiBi and dS takes the cap's derivative
+// (mma_tiles::TileModifiers).
 #include <cstdint>
 
 #include "global_split.h"

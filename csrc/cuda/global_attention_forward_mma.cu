@@ -15,10 +15,10 @@
 // deterministic, no atomics. The chunk's key range comes from the tile's last (largest) row when
 // causal, so it is the same for the tile's rows and covers each row's keys.
 //
-// The general op's arguments run in a second instantiation (kGeneral; head dims above 32, as for the
-// local rows): only the global rows among the queries [q_offset, q_offset + Nq) are staged, the
-// launcher moves the query-indexed pointers back by q_offset rows (mma_tiles::indexed_by_position),
-// a row sees only the keys of its own packed sequence, softcap and ALiBi apply per score
+// The general op's arguments run in a second instantiation (kGeneral, as for the local rows): only
+// the global rows among the queries [q_offset, q_offset + Nq) are staged, the launcher moves the
+// query-indexed pointers back by q_offset rows (mma_tiles::indexed_by_position), a row sees only
+// the keys of its own packed sequence, softcap and ALiBi apply per score
 // (mma_tiles::TileModifiers), and a sink joins the denominator of a row written whole (C_b == 1;
 // the combine kernel adds it to a split row).
 //

@@ -262,16 +262,15 @@ struct TiledShape {
 
 // The one place that picks a tiled instantiation: calls launch(TiledShape<T, DP, kGeneral>{}) for
 // the tiles of `dtype`, the padded head dim of p (16-bit tiles up to kMax16BitDim, float tiles up
-// to 128) and the general instantiation exactly when p is not Longformer-only. A Longformer call
-// keeps the plain kernels' code. The general op with D <= 32 has no instantiation (the *_supports
-// functions send it to SIMT). Returns 1 (cudaErrorInvalidValue) for what no instantiation takes,
-// float64 included.
+// to 128) and the general instantiation exactly when p is not Longformer-only, so that a Longformer
+// call keeps the plain kernels' code. Returns 1 (cudaErrorInvalidValue) for what no instantiation
+// takes, float64 included.
 template <int kMax16BitDim, typename Launch>
 int launch_tiled(const AttentionParams& p, DType dtype, Launch&& launch) {
   const bool general = !p.is_longformer_only();
   auto for_type = [&](auto tile_type) {
     using T = decltype(tile_type);
-    if (p.head_dim <= 32) return general ? 1 : launch(TiledShape<T, 32, false>{});
+    if (p.head_dim <= 32) return general ? launch(TiledShape<T, 32, true>{}) : launch(TiledShape<T, 32, false>{});
     if (p.head_dim <= 64) return general ? launch(TiledShape<T, 64, true>{}) : launch(TiledShape<T, 64, false>{});
     if (p.head_dim <= 128) return general ? launch(TiledShape<T, 128, true>{}) : launch(TiledShape<T, 128, false>{});
     if constexpr (!kFloatTiles<T> && kMax16BitDim >= 256) {
@@ -294,11 +293,8 @@ int launch_tiled(const AttentionParams& p, DType dtype, Launch&& launch) {
 }
 
 // Whether launch_tiled can take p's arguments (the *_supports functions then check dtype and head
-// dim): grouped KV heads run as slices of query heads (kv_group_slices.h), and the general op with
-// D <= 32 on SIMT.
-inline bool tiled_arguments(const AttentionParams& p) {
-  return p.heads_kv == p.heads && (p.is_longformer_only() || p.head_dim > 32);
-}
+// dim): grouped KV heads run as slices of query heads (kv_group_slices.h).
+inline bool tiled_arguments(const AttentionParams& p) { return p.heads_kv == p.heads; }
 
 // ---------------------------------------------------------------------------------------------
 // Warp-level tile products, accumulated in mma C fragments (fp32). The A operand is a warp's 16
