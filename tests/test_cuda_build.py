@@ -193,7 +193,7 @@ GENERAL_FLOAT_TILE_SHUFFLES = {
 # SIMT kernels. The general op's arguments (score modifiers, packed sequences' bounds) took the
 # largest, the global keys' dK/dV partials at 128 < D <= 256 (8 values per lane in six rows, blocks
 # of 8 warps), from 128 or fewer to 130 (sm_80) and 138 (sm_90): one such block per SM instead of
-# two, on a path the tensor-core kernels leave only to head dims above 128 and to general calls.
+# two, on a path the tensor-core kernels leave only to head dims above 128 (and to float64).
 SIMT_REGISTERS = 144
 SIMT_FLOAT64_REGISTERS = 240
 
