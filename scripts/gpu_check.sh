@@ -255,7 +255,8 @@ else
   timeout_opt=()
   "$PY" -c "import pytest_timeout" 2> /dev/null && timeout_opt=(--timeout 90)
   # 30 of the 60 random small cases, the four N = 4099 cases, CPU parity, gradcheck, opcheck, compile,
-  # determinism; test_cuda_build.py reads the SASS of the library just built (sm_$ARCH only).
+  # determinism; the general op's 40 random cases (q_offset, cu_seqlens, softcap, ALiBi, sinks, GQA)
+  # against the oracle; test_cuda_build.py reads the SASS of the library just built (sm_$ARCH only).
   export LONGFORMER_REQUIRE_CUDA=1 LONGFORMER_REQUIRE_CUDA_BUILD=1
   if ! command -v cuobjdump > /dev/null; then
     echo "no cuobjdump on PATH: tests/test_cuda_build.py (SASS checks) will skip"
@@ -263,7 +264,8 @@ else
   fi
   export LONGFORMER_CUDA_SWEEP_COUNT=${LONGFORMER_CUDA_SWEEP_COUNT:-30}
   run_step tests "$limit" "$LOGDIR/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider \
-    -rfEs "${timeout_opt[@]}" tests/test_cuda.py tests/test_cuda_build.py
+    -rfEs "${timeout_opt[@]}" tests/test_cuda.py tests/test_cuda_build.py \
+    tests/test_general_op.py::test_cuda_general_op_matches_oracle
 fi
 
 # ---------------------------------------------------------------- 4. benchmark, then one table
